@@ -1,0 +1,63 @@
+"""Loss functions and class weights for imbalanced chest X-ray classes.
+
+Focal loss is Keras' own ``CategoricalFocalCrossentropy`` (tensorflow-addons is end-of-life and
+has no Keras 3 build): per example ``-alpha_t (1 - p_t)^gamma log(p_t)`` with ``alpha_t`` the
+weight of the true class, so a per-class ``alpha`` list re-weights classes as well as focusing on
+hard examples.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+LOSS_NAMES = ("ce", "focal")
+
+
+def balanced_weights(class_counts: Sequence[int]) -> list[float]:
+    """Inverse-frequency weights ``n / (k * n_c)``: 1.0 for every class when classes are equal.
+
+    This is scikit-learn's "balanced" rule; a class with no examples would get an infinite
+    weight, so it is refused instead.
+    """
+    if any(count <= 0 for count in class_counts):
+        raise ValueError(f"Cannot balance classes with counts {list(class_counts)}: every class needs examples.")
+    total, k = sum(class_counts), len(class_counts)
+    return [total / (k * count) for count in class_counts]
+
+
+def parse_focal_alpha(text: str, class_counts: Sequence[int]) -> float | list[float]:
+    """Turn ``--focal_alpha`` (a number, ``balanced``, or one comma-separated number a class) into alpha."""
+    text = text.strip()
+    if text == "balanced":
+        return balanced_weights(class_counts)
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--focal_alpha={text!r}: expected a number, 'balanced', or {len(class_counts)} comma-separated numbers."
+        ) from None
+    if any(value <= 0 for value in values):
+        raise ValueError(f"--focal_alpha={text!r}: every alpha must be positive.")
+    if len(values) == 1:
+        return values[0]
+    if len(values) != len(class_counts):
+        raise ValueError(f"--focal_alpha={text!r}: {len(values)} values for {len(class_counts)} classes.")
+    return values
+
+
+def build_loss(
+    name: str,
+    class_counts: Sequence[int],
+    focal_gamma: float = 2.0,
+    focal_alpha: str = "0.25",
+) -> keras.losses.Loss:
+    """The training loss for one-hot targets and softmax probabilities."""
+    if name == "ce":
+        return keras.losses.CategoricalCrossentropy(name="ce")
+    if name == "focal":
+        return keras.losses.CategoricalFocalCrossentropy(
+            alpha=parse_focal_alpha(focal_alpha, class_counts), gamma=focal_gamma, name="focal"
+        )
+    raise ValueError(f"--loss={name!r} is not one of {', '.join(LOSS_NAMES)}.")

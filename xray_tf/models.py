@@ -1,0 +1,147 @@
+"""Keras classifiers for chest X-rays: preprocessing layer + backbone + softmax head.
+
+The model takes raw ``uint8`` pixels of shape ``[batch, H, W, C]`` with C = 1 (grey, what the
+input pipeline produces) or 3 (RGB). Its first layer casts to float, averages the channels to grey
+(X-rays saved as RGB carry three equal channels), repeats the grey channel three times and applies
+the normalisation the backbone was trained with, so the host feeds 4x fewer bytes than float32 and an exported SavedModel serves raw
+images. Only Keras 3 APIs are used here, so the same code runs on the TensorFlow and JAX backends.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import keras
+from keras import ops
+
+MODEL_NAMES = ("resnet50", "densenet121", "densenet_chexnet")
+
+# ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
+# DenseNet121 and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
+# A grey image repeated to three channels is the same in RGB and BGR order, so only the
+# per-channel order of the constants matters.
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_RGB_MEAN = (0.485, 0.456, 0.406)
+_TORCH_RGB_STD = (0.229, 0.224, 0.225)
+
+NORMALIZATION_BY_MODEL = {
+    "resnet50": "caffe",
+    "densenet121": "torch",
+    "densenet_chexnet": "torch",
+}
+
+
+@keras.saving.register_keras_serializable(package="xray_tf")
+class XrayPreprocessing(keras.layers.Layer):
+    """uint8 grey or RGB pixels -> 3-channel float tensor normalised for an ImageNet backbone.
+
+    ``mode="caffe"`` reproduces ``keras.applications.resnet50.preprocess_input`` (BGR, mean
+    subtraction on 0-255); ``mode="torch"`` reproduces ``densenet.preprocess_input`` (RGB scaled
+    to [0, 1], ImageNet mean/std), both applied to the grey image repeated to 3 channels. The
+    channel count may be unknown until run time, so one SavedModel serves grey and RGB input.
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "torch"):
+            raise ValueError(f"Unknown normalisation mode {mode!r}; expected 'caffe' or 'torch'.")
+        self.mode = mode
+
+    def call(self, images):
+        grey = ops.mean(ops.cast(images, "float32"), axis=-1, keepdims=True)
+        x = ops.repeat(grey, 3, axis=-1)
+        if self.mode == "caffe":
+            x = x[..., ::-1] - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
+        else:
+            mean = ops.convert_to_tensor(_TORCH_RGB_MEAN, "float32")
+            std = ops.convert_to_tensor(_TORCH_RGB_STD, "float32")
+            x = (x / 255.0 - mean) / std
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (3,)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def _resolve_weights(weights: str) -> str | None:
+    """Map the ``--weights`` flag onto what ``keras.applications`` accepts at build time."""
+    if weights == "imagenet":
+        return "imagenet"
+    if weights == "none":
+        return None
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"--weights={weights!r}: expected 'imagenet', 'none' or an existing weights file."
+        )
+    return None  # built empty, then loaded from the file by build_backbone
+
+
+def build_backbone(
+    model_name: str,
+    image_size: int,
+    weights: str = "imagenet",
+    chexnet_weights: str | None = None,
+) -> keras.Model:
+    """Return the convolutional trunk (no head) taking normalised float images of 3 channels."""
+    input_shape = (image_size, image_size, 3)
+    if model_name == "densenet_chexnet":
+        if not chexnet_weights:
+            raise ValueError("--model=densenet_chexnet needs --chexnet_weights=PATH (a converted CheXNet file).")
+        from xray_tf import chexnet  # imported lazily: only this model needs it
+
+        return chexnet.load_chexnet_backbone(chexnet_weights, image_size)
+    if model_name == "densenet121" and weights.endswith((".pth", ".pt", ".pth.tar")):
+        from xray_tf import chexnet  # converts torchvision's PyTorch checkpoint in memory
+
+        return chexnet.densenet121_backbone_from_torch(weights, image_size)
+
+    constructors: dict[str, Callable[..., keras.Model]] = {
+        "resnet50": keras.applications.ResNet50,
+        "densenet121": keras.applications.DenseNet121,
+    }
+    if model_name not in constructors:
+        raise ValueError(f"--model={model_name!r} is not one of {', '.join(MODEL_NAMES)}.")
+    backbone = constructors[model_name](
+        include_top=False, weights=_resolve_weights(weights), input_shape=input_shape
+    )
+    if weights not in ("imagenet", "none"):
+        try:
+            backbone.load_weights(weights)
+        except Exception as error:  # Keras raises several types for a mismatching file
+            raise ValueError(
+                f"--weights={weights!r} does not fit a {model_name} backbone without its top: {error}"
+            ) from error
+    return backbone
+
+
+def build_model(
+    model_name: str,
+    num_classes: int,
+    image_size: int,
+    weights: str = "imagenet",
+    dropout: float = 0.0,
+    chexnet_weights: str | None = None,
+) -> keras.Model:
+    """Build ``uint8 [B, H, W, 1 or 3] -> class probabilities [B, num_classes]``.
+
+    The head is global average pooling, dropout and a Dense softmax kept in float32 so that
+    probabilities stay accurate under mixed precision.
+    """
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"--model={model_name!r} is not one of {', '.join(MODEL_NAMES)}.")
+    if num_classes < 2:
+        raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
+    backbone = build_backbone(model_name, image_size, weights, chexnet_weights)
+    inputs = keras.Input((image_size, image_size, None), dtype="uint8", name="image")
+    x = XrayPreprocessing(NORMALIZATION_BY_MODEL[model_name], name="preprocessing")(inputs)
+    x = backbone(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(inputs, outputs, name=f"xray_{model_name}")

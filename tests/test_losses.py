@@ -1,0 +1,78 @@
+"""Focal loss, class weights, --focal_alpha parsing and the step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from xray_tf import losses
+from xray_tf.training import step_decay
+
+
+def focal_by_hand(y_true, y_pred, alpha, gamma):
+    """Mean over examples of -alpha_t (1 - p_t)^gamma log p_t, written out per example."""
+    values = []
+    for truth, probs in zip(y_true, y_pred):
+        t = int(np.argmax(truth))
+        alpha_t = alpha[t] if isinstance(alpha, list) else alpha
+        values.append(-alpha_t * (1 - probs[t]) ** gamma * math.log(probs[t]))
+    return sum(values) / len(values)
+
+
+Y_TRUE = np.eye(4, dtype="float32")[[0, 1, 3, 2]]
+Y_PRED = np.array([[0.7, 0.1, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.25, 0.25, 0.4, 0.1], [0.1, 0.1, 0.1, 0.7]], "float32")
+
+
+@pytest.mark.parametrize("alpha_flag, alpha", [("0.25", 0.25), ("0.1,0.2,0.3,0.4", [0.1, 0.2, 0.3, 0.4])])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_focal_loss_matches_the_formula(alpha_flag, alpha, gamma):
+    loss = losses.build_loss("focal", [10, 20, 30, 40], focal_gamma=gamma, focal_alpha=alpha_flag)
+    value = float(ops.convert_to_numpy(loss(Y_TRUE, Y_PRED)))
+    assert value == pytest.approx(focal_by_hand(Y_TRUE, Y_PRED, alpha, gamma), rel=1e-5)
+
+
+def test_cross_entropy_is_plain_categorical_cross_entropy():
+    value = float(ops.convert_to_numpy(losses.build_loss("ce", [1, 1, 1, 1])(Y_TRUE, Y_PRED)))
+    assert value == pytest.approx(-np.mean(np.log([0.7, 0.5, 0.1, 0.1])), rel=1e-5)
+
+
+def test_balanced_weights_are_inverse_frequency():
+    assert losses.balanced_weights([10, 30, 60]) == pytest.approx([100 / 30, 100 / 90, 100 / 180])
+    assert losses.balanced_weights([5, 5]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="every class needs examples"):
+        losses.balanced_weights([3, 0])
+
+
+def test_focal_alpha_flag_parsing():
+    assert losses.parse_focal_alpha("0.5", [1, 3]) == 0.5
+    assert losses.parse_focal_alpha("balanced", [1, 3]) == pytest.approx([2.0, 2 / 3])
+    for bad, message in [("x", "expected a number"), ("0.1,0.2,0.3", "3 values for 2 classes"), ("-1", "positive")]:
+        with pytest.raises(ValueError, match=message):
+            losses.parse_focal_alpha(bad, [1, 3])
+
+
+def test_unknown_loss_names_the_flag():
+    with pytest.raises(ValueError, match="--loss='hinge'"):
+        losses.build_loss("hinge", [1, 1])
+
+
+def test_step_decay_halves_every_ten_epochs():
+    rates = {epoch: step_decay(epoch, 1e-3, 0.5, 10) for epoch in (0, 9, 10, 19, 20)}
+    assert rates[0] == rates[9] == pytest.approx(1e-3)
+    assert rates[10] == rates[19] == pytest.approx(5e-4)
+    assert rates[20] == pytest.approx(2.5e-4)
+
+
+def test_scheduler_sets_the_optimizer_rate():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(float(ops.convert_to_numpy(model.optimizer.learning_rate))))
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: step_decay(epoch, 1e-3, 0.5, 2))
+    model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=5, verbose=0, callbacks=[schedule, record])
+    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])

@@ -1,0 +1,79 @@
+"""Model construction: every backbone, the uint8 preprocessing, the float32 head."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from xray_tf import models
+
+
+def random_images(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape).astype("uint8")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_models_output_probabilities(name):
+    model = models.build_model(name, num_classes=4, image_size=32, weights="none", dropout=0.2)
+    assert model.input.dtype == "uint8"
+    probabilities = ops.convert_to_numpy(model(random_images((3, 32, 32, 1)), training=False))
+    assert probabilities.shape == (3, 4) and probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5) and (probabilities >= 0).all()
+
+
+def test_densenet_chexnet_builds_from_a_converted_weights_file(tmp_path):
+    chexnet = pytest.importorskip("xray_tf.chexnet", reason="the CheXNet converter is not in this checkout")
+    path = str(tmp_path / "chexnet.weights.h5")
+    chexnet.build_chexnet(32).save_weights(path)
+    model = models.build_model("densenet_chexnet", 2, 32, weights="none", chexnet_weights=path)
+    probabilities = ops.convert_to_numpy(model(random_images((2, 32, 32, 1)), training=False))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, reference", [
+    ("caffe", keras.applications.resnet50.preprocess_input),
+    ("torch", keras.applications.densenet.preprocess_input),
+])
+def test_preprocessing_matches_keras_applications(mode, reference):
+    grey = random_images((2, 8, 8, 1))
+    expected = reference(np.repeat(grey, 3, axis=-1).astype("float32"))
+    layer = models.XrayPreprocessing(mode)
+    assert np.allclose(ops.convert_to_numpy(layer(grey)), expected, atol=1e-4)
+    # RGB with three equal channels (how many X-rays are stored) gives the same input.
+    assert np.allclose(ops.convert_to_numpy(layer(np.repeat(grey, 3, axis=-1))), expected, atol=1e-4)
+
+
+def test_mixed_precision_keeps_probabilities_float32():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = models.build_model("resnet50", 3, 32, weights="none")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model.get_layer("preprocessing").compute_dtype == "bfloat16"
+    output = model(random_images((2, 32, 32, 1)), training=False)
+    assert ops.convert_to_numpy(output).dtype == np.float32
+
+
+def test_bad_arguments_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--model='vgg16'"):
+        models.build_model("vgg16", 4, 32, weights="none")
+    with pytest.raises(FileNotFoundError, match="--weights='/nonexistent.h5'"):
+        models.build_model("resnet50", 4, 32, weights="/nonexistent.h5")
+    with pytest.raises(ValueError, match="needs --chexnet_weights"):
+        models.build_model("densenet_chexnet", 4, 32, weights="none")
+    wrong = tmp_path / "densenet.weights.h5"
+    models.build_backbone("densenet121", 32, weights="none").save_weights(str(wrong))
+    with pytest.raises(ValueError, match="does not fit a resnet50 backbone"):
+        models.build_model("resnet50", 4, 32, weights=str(wrong))
+
+
+def test_backbone_weights_file_is_loaded(tmp_path):
+    source = models.build_backbone("resnet50", 32, weights="none")
+    path = str(tmp_path / "resnet.weights.h5")
+    source.save_weights(path)
+    model = models.build_model("resnet50", 4, 32, weights=path)
+    loaded = model.get_layer("resnet50").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, source.get_weights()))

@@ -1,0 +1,152 @@
+"""The tf.data pipeline: decoding, shapes, balanced sampling, augmentation and determinism."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import shared_data
+from xray_tf import data, pipeline
+
+
+def small_settings(**overrides) -> pipeline.PipelineSettings:
+    return pipeline.PipelineSettings(**{"image_size": 32, "batch_size": 8, **overrides})
+
+
+def epoch(datasets: pipeline.Datasets) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(images.numpy(), labels.numpy()) for images, labels in datasets.train]
+
+
+@pytest.fixture(scope="module")
+def index(tiny_dataset) -> data.DataIndex:
+    return data.load_index(tiny_dataset, val_fraction=0.2)
+
+
+def test_decode_any_mode_depth_and_size(tmp_path):
+    grey = np.tile(np.linspace(0, 255, 97).astype(np.uint8), (61, 1))
+    files = {
+        "grey.jpeg": Image.fromarray(grey, "L"),
+        "rgb.png": Image.fromarray(np.stack([grey] * 3, -1), "RGB"),
+        "rgba.png": Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)]), "RGBA"),
+        "deep.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "tiny.png": Image.fromarray(grey[:1, :1], "L"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        decoded = pipeline.decode_image(tf.constant(str(tmp_path / name)), 48).numpy()
+        assert decoded.shape == (48, 48, 1) and decoded.dtype == np.uint8, name
+        if name != "tiny.png":  # a left-to-right ramp survives decoding and resizing
+            row = decoded[24, :, 0].astype(int)
+            assert row[0] < 20 and row[-1] > 235 and np.all(np.diff(row) >= -2), name
+
+
+def test_decode_real_full_resolution_files():
+    paths = sorted(glob.glob(os.path.join(shared_data("fullres"), "images", "*")))
+    assert len(paths) == 40
+    for path in paths:
+        decoded = pipeline.decode_image(tf.constant(path), 64).numpy()
+        assert decoded.shape == (64, 64, 1) and 0 < decoded.mean() < 255, path
+
+
+def test_shapes_dtypes_and_step_count(index):
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings())
+    images, labels = next(iter(datasets.train))
+    assert images.dtype == tf.uint8 and images.shape[1:] == (32, 32, 1)
+    assert labels.dtype == tf.float32 and labels.shape[1:] == (4,)
+    assert np.allclose(labels.numpy().sum(axis=1), 1)
+    n_train = len(index.split("train"))
+    assert datasets.steps_per_epoch == math.ceil(n_train / 8)
+    assert sum(len(batch[1]) for batch in epoch(datasets)) == n_train
+    assert set(datasets.evaluation) == {"train", "val", "test"}
+
+
+def test_balanced_sampler_draws_classes_uniformly(index):
+    counts = np.array(list(index.class_counts("train").values()))
+    assert counts.max() / counts.min() >= 5  # imbalanced to begin with
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings(batch_size=64))
+    draws = np.concatenate([labels.argmax(1) for _ in range(12) for _, labels in epoch(datasets)])
+    frequencies = np.bincount(draws, minlength=4) / len(draws)
+    # ~830 draws: the standard error of a frequency of 0.25 is 0.015, so 0.05 is > 3 sigma.
+    assert np.all(np.abs(frequencies - 0.25) < 0.05), frequencies
+
+
+def test_sampler_none_sees_each_training_image_once_per_epoch(index):
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings(sampler="none"))
+    labels = np.concatenate([batch[1].argmax(1) for batch in epoch(datasets)])
+    assert np.bincount(labels, minlength=4).tolist() == list(index.class_counts("train").values())
+
+
+def test_same_seed_same_batches_other_seed_other_batches(index):
+    first, second = (epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=3))) for _ in range(2))
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
+    other = epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=4)))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_augmentation_applies_to_training_batches_only(index):
+    frame = index.frame
+    unaugmented = small_settings(sampler="none", flip_prob=0.0, rotation_prob=0.0)
+    reference = pipeline.build_datasets(frame, 4, unaugmented)
+    augmented = pipeline.build_datasets(frame, 4, small_settings(sampler="none", seed=unaugmented.seed))
+    # Same shuffle order, so any difference comes from augmentation.
+    changed = [not np.array_equal(a[0], b[0]) for a, b in zip(epoch(reference), epoch(augmented))]
+    assert sum(changed) >= len(changed) // 2
+    for split in ("val", "test"):
+        split_frame = frame[frame["split"] == split]
+        expected = np.stack([pipeline.decode_image(tf.constant(p), 32).numpy() for p in split_frame["path"]])
+        served = np.concatenate([images.numpy() for images, _ in augmented.evaluation[split]])
+        assert np.array_equal(served, expected), split
+
+
+def test_flips_and_rotation_act_as_specified():
+    image = np.zeros((1, 9, 9, 1), np.uint8)
+    image[0, 1, 6, 0] = 200  # a bright pixel up and to the right
+    batch = tf.constant(image)
+    seed = tf.constant([1, 2], tf.int64)
+    always_h = small_settings(image_size=9, flip_prob=1.0, rotation_prob=0.0)
+    flipped = pipeline.augment_batch(batch, seed, always_h).numpy()
+    assert np.array_equal(flipped, image[:, ::-1, ::-1])  # both flips fire at p=1
+    quarter_turn = tf.constant([math.pi / 2])
+    transform = pipeline.rotation_transforms(quarter_turn, 9, 9)
+    rotated = tf.raw_ops.ImageProjectiveTransformV3(
+        images=batch, transforms=transform, output_shape=[9, 9], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT").numpy()
+    # A positive angle turns the picture counter-clockwise as displayed (rows down, columns right);
+    # cos(pi/2) is not exactly 0 in float32, hence one grey level of tolerance.
+    expected = np.rot90(image[0, :, :, 0], k=1).astype(int)
+    assert np.abs(rotated[0, :, :, 0].astype(int) - expected).max() <= 1
+
+
+def test_rotation_probability_and_range():
+    settings = small_settings(image_size=15, flip_prob=0.0, rotation_prob=0.3, rotation_degrees=15)
+    image = np.zeros((400, 15, 15, 1), np.uint8)
+    image[:, 7, 2:13] = 255  # a horizontal bar through the centre
+    out = pipeline.augment_batch(tf.constant(image), tf.constant([5, 0], tf.int64), settings).numpy()
+    rotated = np.array([not np.array_equal(o, i) for o, i in zip(out, image)])
+    assert 0.22 < rotated.mean() < 0.38  # 400 draws of p=0.3: sd 0.023
+    # At most 15 degrees, the bar's ends move by at most 5 * sin(15 deg) ~ 1.3 px: rows 5..9 only.
+    assert not out[rotated][:, :5].any() and not out[rotated][:, 10:].any()
+
+
+def test_file_cache_is_written_and_reused(index, tmp_path):
+    cache = str(tmp_path / "cache")
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings(cache=cache))
+    pipeline.fill_caches(datasets)
+    written = sorted(os.listdir(cache))
+    assert any(name.startswith("train_class0_32px_") for name in written)
+    again = pipeline.build_datasets(index.frame, 4, small_settings(cache=cache))
+    assert [a[1].tolist() for a in epoch(datasets)] == [b[1].tolist() for b in epoch(again)]
+    assert sorted(os.listdir(cache)) == written
+
+
+def test_no_training_rows_is_an_error():
+    frame = pd.DataFrame({"path": ["x"], "label_index": [0], "split": ["val"]})
+    with pytest.raises(ValueError, match="No training images"):
+        pipeline.build_datasets(frame, 2, small_settings())

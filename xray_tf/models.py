@@ -15,6 +15,8 @@ from typing import Callable
 import keras
 from keras import ops
 
+from xray_tf import metrics
+
 MODEL_NAMES = ("resnet50", "densenet121", "densenet_chexnet")
 
 # ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
@@ -145,3 +147,13 @@ def build_model(
         num_classes, activation="softmax", dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name=f"xray_{model_name}")
+
+
+def load_model(path: str) -> keras.Model:
+    """Load a ``.keras`` file written by training, with ``safe_mode`` (no code runs from the file).
+
+    The model uses ``XrayPreprocessing`` and the saved compile config names
+    ``metrics.ClassRecall``: both are named here so loading works in any program.
+    """
+    custom_objects = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall}
+    return keras.saving.load_model(path, custom_objects=custom_objects, safe_mode=True)

@@ -91,7 +91,7 @@ def evaluate_splits(model: keras.Model, datasets: dict, class_names: tuple[str, 
     reports = {}
     for split, dataset in datasets.items():
         true, predicted = [], []
-        for images, one_hot in dataset:
+        for images, one_hot in dataset.as_numpy_iterator():  # NumPy batches feed every backend
             probabilities = ops.convert_to_numpy(model.predict_on_batch(images))
             true.append(np.argmax(np.asarray(one_hot), axis=-1))
             predicted.append(np.argmax(probabilities, axis=-1))
@@ -178,7 +178,7 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
     )
     fit_seconds = time.perf_counter() - fit_start
 
-    best = keras.saving.load_model(checkpoint_path, safe_mode=True)
+    best = models.load_model(checkpoint_path)
     val_losses = history.history["val_loss"]
     best_epoch = int(np.nanargmin(val_losses)) + 1
     artifacts.export_saved_model(best, os.path.join(run_dir, "saved_model"))

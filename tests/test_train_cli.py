@@ -1,0 +1,143 @@
+"""``python -m xray_tf.train`` end to end: artifacts, SavedModel equivalence, JAX backend, real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT, run_module, shared_data
+from xray_tf import data, models, pipeline
+
+TINY_RUN = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2",
+            "--lr_decay_epochs=1", "--loss=focal"]
+ARTIFACTS = {"history.csv", "flags.txt", "classes.json", "metrics.json", "model.keras", "saved_model"}
+
+SAVED_MODEL_PROBE = """
+import sys, numpy as np, tensorflow as tf
+served = tf.saved_model.load(sys.argv[1])
+images = np.load(sys.argv[2])
+grey = served.serve(tf.constant(images)).numpy()
+rgb = served.signatures["serving_default"](image=tf.constant(np.repeat(images, 3, axis=-1)))
+np.save(sys.argv[3], np.stack([grey, list(rgb.values())[0].numpy()]))
+assert not any(name.startswith("xray_tf") for name in sys.modules), "the probe imported xray_tf"
+"""
+
+
+def read_history(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "history.csv")) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """A 2-epoch CLI run with no --data_dir, i.e. on the default synthetic dataset."""
+    root = tmp_path_factory.mktemp("cli")
+    result = run_module("xray_tf.train", *TINY_RUN, f"--output_dir={root / 'runs'}", "--run_name=tiny",
+                        env={"XRAY_TF_CACHE": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(root / "runs" / "tiny"), result
+
+
+def test_run_writes_every_artifact(synthetic_run):
+    run_dir, _ = synthetic_run
+    assert ARTIFACTS <= set(os.listdir(run_dir))
+    history = read_history(run_dir)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "val_recall_covid_19"} <= set(history[0])
+    assert [float(row["learning_rate"]) for row in history] == pytest.approx([1e-3, 5e-4])
+    assert json.load(open(os.path.join(run_dir, "classes.json"))) == list(data.FINE_CLASSES)
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert set(metrics["splits"]) == {"train", "val", "test"}
+    for split, report in metrics["splits"].items():
+        assert report["num_images"] == sum(metrics["images"][split].values())
+        assert np.array(report["confusion_matrix"]).sum() == report["num_images"]
+    assert metrics["excluded_rows"] == {"Stress-Smoking, in no class": 2}
+
+
+def test_synthetic_data_is_announced_loudly(synthetic_run):
+    run_dir, result = synthetic_run
+    first_line = next(line for line in result.stderr.splitlines() if "xray_tf" in line or "training.py" in line)
+    assert "SYNTHETIC DATA" in first_line
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["synthetic_data"] is True
+
+
+def test_flags_file_is_reusable(synthetic_run):
+    run_dir, _ = synthetic_run
+    lines = open(os.path.join(run_dir, "flags.txt")).read().splitlines()
+    assert "--image_size=32" in lines and "--loss=focal" in lines and "--epochs=2" in lines
+    result = run_module("xray_tf.train", f"--flagfile={os.path.join(run_dir, 'flags.txt')}", "--epochs=0")
+    assert result.returncode != 0 and "--epochs=0 must be positive" in result.stderr
+
+
+def test_saved_model_serves_without_xray_tf(synthetic_run, tmp_path):
+    """The exported SavedModel, in a fresh process, equals the Keras checkpoint on the same images."""
+    run_dir, _ = synthetic_run
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    index = data.load_index(metrics["data_dir"])
+    paths = index.split("test")["path"][:12]
+    images = np.stack([pipeline.decode_image(tf.constant(p), 32).numpy() for p in paths])
+    np.save(tmp_path / "images.npy", images)
+    probe = subprocess.run(
+        [sys.executable, "-c", SAVED_MODEL_PROBE, os.path.join(run_dir, "saved_model"),
+         str(tmp_path / "images.npy"), str(tmp_path / "served.npy")],
+        capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    grey, rgb = np.load(tmp_path / "served.npy")
+    expected = models.load_model(os.path.join(run_dir, "model.keras")).predict(images, verbose=0)
+    # float32 inference of the same graph; only the order of floating-point sums may differ.
+    np.testing.assert_allclose(grey, expected, atol=1e-5)
+    np.testing.assert_allclose(rgb, expected, atol=1e-5)
+
+
+def test_a_second_run_with_the_same_name_gets_its_own_directory(synthetic_run):
+    run_dir, _ = synthetic_run
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    result = run_module("xray_tf.train", *TINY_RUN, "--epochs=1", f"--output_dir={os.path.dirname(run_dir)}",
+                        "--run_name=tiny", f"--data_dir={json.load(open(os.path.join(run_dir, 'metrics.json')))['data_dir']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(run_dir + "-2/metrics.json")
+    assert before == {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+
+
+def test_jax_backend_runs_the_same_cli(tiny_dataset, tmp_path):
+    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
+    result = run_module("xray_tf.train", *TINY_RUN, f"--data_dir={tiny_dataset}",
+                        f"--output_dir={tmp_path}", "--run_name=jax", env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Using JAX backend" in result.stderr + result.stdout or "jax" in result.stderr.lower()
+    run_dir = tmp_path / "jax"
+    assert ARTIFACTS <= set(os.listdir(run_dir))
+    assert len(read_history(str(run_dir))) == 2
+
+
+def test_short_run_on_real_coronahack(tmp_path):
+    """64 px on a class-stratified subset of the real images (CSV rewritten, images linked, not copied)."""
+    source = shared_data("coronahack")
+    metadata = pd.read_csv(os.path.join(source, data.METADATA_CSV), index_col=0)
+    subset = metadata.groupby(data.fine_classes(metadata).fillna("none")).head(24)
+    subset.to_csv(tmp_path / data.METADATA_CSV)
+    os.symlink(os.path.join(source, data.IMAGE_FOLDER), tmp_path / data.IMAGE_FOLDER)
+    result = run_module("xray_tf.train", "--model=densenet121", "--weights=none", "--image_size=64",
+                        "--epochs=1", "--batch_size=16", f"--data_dir={tmp_path}",
+                        f"--output_dir={tmp_path / 'runs'}", "--run_name=real")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "runs" / "real" / "metrics.json"))
+    assert metrics["synthetic_data"] is False
+    assert metrics["splits"]["val"]["num_images"] == sum(metrics["images"]["val"].values()) > 0
+    assert "test" not in metrics["splits"]  # the TEST split is withheld here
+
+
+def test_bad_flags_fail_before_training(tmp_path):
+    result = run_module("xray_tf.train", "--image_size=16", f"--output_dir={tmp_path}")
+    assert result.returncode != 0 and "--image_size=16" in result.stderr
+    assert not os.listdir(tmp_path)
+    result = run_module("xray_tf.train", f"--data_dir={tmp_path / 'nowhere'}")
+    assert result.returncode != 0 and "is not a directory" in result.stderr

@@ -39,3 +39,30 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
         text=True,
         timeout=timeout,
     )
+
+
+# Tiny settings for the paper's experiments: ResNet50 from random weights, 32 px, 2 epochs.
+PAPER_TINY_FLAGS = ("--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2", "--lr_decay_epochs=1")
+
+
+@pytest.fixture(scope="session")
+def paper_results(tmp_path_factory, tiny_dataset) -> str:
+    """``scripts/run_paper.py`` over one tiny experiment named ``prce`` and one seed, evaluated on val and test.
+
+    Returns the results directory: ``prce_seed0/`` (with metrics_val.json, metrics_test.json and their
+    PNGs), ``table.md``/``.csv``/``_runs.csv`` and ``figures/``. One training shared by the tests of
+    evaluate, the table and the figures.
+    """
+    root = tmp_path_factory.mktemp("paper")
+    flags_dir = root / "flags"
+    flags_dir.mkdir()
+    (flags_dir / "prce.cfg").write_text("--model=resnet50\n--loss=ce\n--run_name=ignored\n")
+    results = root / "results"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "run_paper.py"), f"--results_dir={results}",
+         f"--flags_dir={flags_dir}", "--experiments=prce", "--seeds=0", f"--data_dir={tiny_dataset}",
+         "--evaluate_splits=val,test", "--", *PAPER_TINY_FLAGS],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return str(results)

@@ -1,0 +1,240 @@
+"""``python scripts/run_paper.py --results_dir=DIR --seeds=0,1,2 [--with_extra] [-- TRAIN FLAGS...]``
+
+Reproduces the paper's experiments in one command: each flagfile ``flags/<name>.cfg`` of the six
+Table 1 experiments (prce, prcw, prfl, pdcxce, pdcxfl, rce) is trained once per seed, each run is
+evaluated, and the table and figures are written, all into one results directory::
+
+    DIR/<name>_seed<S>/           a run directory (python -m xray_tf.train), evaluated on --evaluate_splits
+    DIR/<name>_extra_seed<S>/     with --with_extra: the same plus --extra_data (the paper's Table 2)
+    DIR/logs/<run>.log            the output of that run's commands
+    DIR/table.md, .csv, _runs.csv scripts/results_table.py over every run
+    DIR/figures/histories_[extra_]seed<S>.png    scripts/plot_histories.py, one figure per seed
+    DIR/figures/figure1_*.png, figure2_*.png     scripts/explore_dataset.py on the data used
+
+Train flags after ``--`` are appended after the flagfile and so override it, e.g. tiny settings::
+
+    python scripts/run_paper.py --results_dir=/tmp/paper --seeds=0 -- \\
+        --image_size=32 --epochs=1 --weights=none --chexnet_weights=chexnet32.weights.h5
+
+Before the first run starts, everything that can be checked is: the flagfiles exist, every CheXNet
+experiment has its --chexnet_weights file (or, with --skip_missing_chexnet, is skipped and listed),
+and no earlier, unfinished run is in the way. A run whose directory already holds metrics.json is
+not run again, so a sweep that was stopped continues where it stopped. Run it from the repository
+root so that relative paths in the flagfiles resolve as they do for python -m xray_tf.train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run from a checkout
+
+from absl import app, flags  # noqa: E402
+
+from xray_tf import reports, synthetic  # noqa: E402
+
+_RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Folder for every run, log, table and figure.", required=True)
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each experiment is trained once per seed.")
+_EXPERIMENTS = flags.DEFINE_list("experiments", list(reports.PAPER_EXPERIMENTS),
+                                 "Flagfile names in --flags_dir to run (default: the paper's six).")
+_FLAGS_DIR = flags.DEFINE_string("flags_dir", os.path.join(REPO_ROOT, "flags"), "Folder of <name>.cfg flagfiles.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "CoronaHack folder; omitted: the trainer's synthetic dataset.")
+_EXTRA_DATA = flags.DEFINE_string("extra_data", None,
+                                  "Extra COVID-19 images (metadata.csv, images/), for --with_extra.")
+_WITH_EXTRA = flags.DEFINE_bool("with_extra", False, "Also run every experiment with --extra_data (Table 2).")
+_EVALUATE_SPLITS = flags.DEFINE_list("evaluate_splits", ["val"], "Splits to run python -m xray_tf.evaluate on "
+                                     "after each run (val, test; empty for none).")
+_SKIP_MISSING_CHEXNET = flags.DEFINE_bool("skip_missing_chexnet", False, "Skip (and list) the CheXNet experiments "
+                                          "when their --chexnet_weights file is missing, instead of stopping.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and the commands; run nothing.")
+
+# Train flags that the sweep itself sets for every run; giving them after -- would be silently overridden.
+_SWEEP_FLAGS = {"seed": "--seeds", "output_dir": "--results_dir", "run_name": "(set per run)",
+                "data_dir": "--data_dir", "extra_data": "--extra_data"}
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    seed: int
+    extra: bool
+    train_args: list[str]
+    skip_reason: str | None = None
+
+
+def effective_flags(args: list[str]) -> dict[str, str]:
+    """The value each train flag ends up with: later ``--name=value`` wins, ``--flagfile`` read in place."""
+    values: dict[str, str] = {}
+    for arg in args:
+        name, _, value = arg.lstrip("-").partition("=")
+        if name == "flagfile":
+            try:
+                with open(value) as handle:
+                    lines = [line.strip() for line in handle]
+            except FileNotFoundError:
+                raise ValueError(f"--flagfile={value}: no such file (a relative path is read from the current "
+                                 "directory, as python -m xray_tf.train does: run from the repository root).") from None
+            values.update(effective_flags([line for line in lines if line and not line.startswith("#")]))
+        else:
+            values[name] = value
+    return values
+
+
+def plan_runs(overrides: list[str]) -> list[Run]:
+    """Every run of the sweep, checked; raise ValueError listing whatever would stop it midway."""
+    if _WITH_EXTRA.value and not _EXTRA_DATA.value:
+        raise ValueError("--with_extra needs --extra_data=PATH (metadata.csv and images/).")
+    for path_flag in (_DATA_DIR, _EXTRA_DATA):
+        if path_flag.value and not os.path.isdir(path_flag.value):
+            raise ValueError(f"--{path_flag.name}={path_flag.value!r} is not a directory.")
+    try:
+        seeds = [int(seed) for seed in _SEEDS.value]
+    except ValueError:
+        raise ValueError(f"--seeds={','.join(_SEEDS.value)}: expected comma-separated integers.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds={','.join(_SEEDS.value)}: give each seed once.")
+    unknown = [split for split in _EVALUATE_SPLITS.value if split not in ("val", "test")]
+    if unknown:
+        raise ValueError(f"--evaluate_splits: {', '.join(unknown)} is not val or test.")
+    bad = [arg for arg in overrides if not arg.startswith("--") or "=" not in arg]
+    if bad:
+        raise ValueError(f"Train flags after -- must be --name=value; got {' '.join(bad)}.")
+    for arg in overrides:
+        name = arg[2:].split("=", 1)[0]
+        if name in _SWEEP_FLAGS:
+            raise ValueError(f"Do not pass --{name} after --: the sweep sets it ({_SWEEP_FLAGS[name]}).")
+    flagfiles = {name: os.path.join(os.path.abspath(_FLAGS_DIR.value), f"{name}.cfg") for name in _EXPERIMENTS.value}
+    missing = [path for path in flagfiles.values() if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"No such flagfile(s): {', '.join(missing)}.")
+
+    results_dir = os.path.abspath(_RESULTS_DIR.value)
+    data_args = [f"--data_dir={os.path.abspath(_DATA_DIR.value)}"] if _DATA_DIR.value else []
+    runs, problems = [], []
+    for seed in seeds:
+        for extra in (False, True) if _WITH_EXTRA.value else (False,):
+            for experiment, flagfile in flagfiles.items():
+                name = f"{experiment}{reports.EXTRA_SUFFIX if extra else ''}_seed{seed}"
+                extra_args = [f"--extra_data={os.path.abspath(_EXTRA_DATA.value)}"] if extra else []
+                args = [f"--flagfile={flagfile}", *data_args, *extra_args, *overrides,
+                        f"--seed={seed}", f"--output_dir={results_dir}", f"--run_name={name}"]
+                run = Run(name, seed, extra, args)
+                settings = effective_flags(args)
+                weights = settings.get("chexnet_weights")
+                if settings.get("model") == "densenet_chexnet" and not (weights and os.path.isfile(weights)):
+                    reason = f"--chexnet_weights={weights!r} is not a file (convert CheXNet: python -m xray_tf.chexnet)"
+                    if not _SKIP_MISSING_CHEXNET.value:
+                        problems.append(f"{name}: {reason}; or pass --skip_missing_chexnet.")
+                    run.skip_reason = reason
+                run_dir = os.path.join(results_dir, name)
+                if os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                    problems.append(f"{run_dir} exists but is unfinished (no metrics.json): delete it to run again.")
+                runs.append(run)
+    if problems:
+        raise ValueError("Nothing was run:\n  " + "\n  ".join(problems))
+    return runs
+
+
+def _run_logged(command: list[str], log_path: str) -> None:
+    """Run ``command``, appending its output to ``log_path``; raise RuntimeError with the log's tail on failure."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        python_path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONPATH": python_path}
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
+    if returncode != 0:
+        with open(log_path) as log:
+            tail = "".join(log.readlines()[-25:])
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {returncode}); end of {log_path}:\n{tail}")
+
+
+def _work(run: Run, results_dir: str) -> tuple[bool, list[str]]:
+    """Whether ``run`` still needs training, and the evaluations it still lacks (so a stopped sweep resumes)."""
+    run_dir = os.path.join(results_dir, run.name)
+    train = not os.path.isdir(run_dir)  # plan_runs refused unfinished run directories
+    evaluated = {s for s in _EVALUATE_SPLITS.value if os.path.isfile(os.path.join(run_dir, f"metrics_{s}.json"))}
+    splits = [s for s in _EVALUATE_SPLITS.value if train or s not in evaluated]
+    return train, splits
+
+
+def _script(name: str) -> list[str]:
+    return [sys.executable, os.path.join(REPO_ROOT, "scripts", name)]
+
+
+def main(argv: list[str]) -> None:
+    overrides = argv[1:]
+    try:
+        runs = plan_runs(overrides)
+    except (ValueError, OSError) as error:
+        sys.exit(f"run_paper: error: {error}")
+    results_dir = os.path.abspath(_RESULTS_DIR.value)
+    work = {run.name: _work(run, results_dir) for run in runs if not run.skip_reason}
+    todo = [run for run in runs if run.name in work and (work[run.name][0] or work[run.name][1])]
+    for run in runs:
+        if run.skip_reason:
+            status = f"SKIPPED: {run.skip_reason}"
+        elif work[run.name][0]:
+            status = "to run"
+        else:
+            missing = work[run.name][1]
+            status = f"trained already; to evaluate on {', '.join(missing)}" if missing else "done already"
+        print(f"{run.name}: {status}")
+        if _DRY_RUN.value and run.name in work and work[run.name][0]:
+            print("  python -m xray_tf.train " + " ".join(run.train_args))
+    if _DRY_RUN.value:
+        return
+
+    logs = os.path.join(results_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    data_args = [f"--data_dir={os.path.abspath(_DATA_DIR.value)}"] if _DATA_DIR.value else []
+    try:
+        for number, run in enumerate(todo, 1):
+            start = time.perf_counter()
+            train, splits = work[run.name]
+            print(f"[{number}/{len(todo)}] {run.name}: {'training' if train else 'evaluating'}", flush=True)
+            log_path = os.path.join(logs, f"{run.name}.log")
+            if train:
+                _run_logged([sys.executable, "-m", "xray_tf.train", *run.train_args], log_path)
+            for split in splits:
+                run_dir = os.path.join(results_dir, run.name)
+                _run_logged([sys.executable, "-m", "xray_tf.evaluate", f"--run_dir={run_dir}", f"--split={split}",
+                             *data_args], log_path)
+            print(f"[{number}/{len(todo)}] {run.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+        finished = [r for r in runs if not r.skip_reason]
+        if not finished:
+            raise RuntimeError("Every experiment was skipped; no table or figures to make.")
+        run_dirs = [os.path.join(results_dir, r.name) for r in finished]
+        report_log = os.path.join(logs, "reports.log")
+        _run_logged([*_script("results_table.py"), *run_dirs, f"--out={os.path.join(results_dir, 'table')}"],
+                    report_log)
+        figures = os.path.join(results_dir, "figures")
+        for seed in sorted({r.seed for r in finished}):
+            for extra in sorted({r.extra for r in finished}):
+                group = [os.path.join(results_dir, r.name) for r in finished if r.seed == seed and r.extra == extra]
+                name = f"histories_{'extra_' if extra else ''}seed{seed}.png"
+                _run_logged([*_script("plot_histories.py"), *group, f"--out={os.path.join(figures, name)}"],
+                            report_log)
+        data_dir = os.path.abspath(_DATA_DIR.value) if _DATA_DIR.value else synthetic.default_dataset_dir()
+        settings = effective_flags(finished[0].train_args)  # the split of the first run, as training made it
+        split_args = [f"--{name}={settings[name]}" for name in ("task", "val_fraction", "seed") if name in settings]
+        _run_logged([*_script("explore_dataset.py"), f"--data_dir={data_dir}", *split_args, f"--out_dir={figures}"],
+                    report_log)
+    except RuntimeError as error:
+        sys.exit(f"run_paper: error: {error}")
+    skipped = [r.name for r in runs if r.skip_reason]
+    if skipped:
+        print(f"SKIPPED (no CheXNet weights): {', '.join(skipped)}")
+    with open(os.path.join(results_dir, "table.md")) as handle:
+        print(handle.read())
+    print(f"Results in {results_dir}: table.md, table.csv, figures/, one folder per run.")
+
+
+if __name__ == "__main__":
+    app.run(main)

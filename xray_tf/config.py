@@ -17,6 +17,7 @@ SAMPLERS = ("balanced", "none")
 CLASS_WEIGHTS = ("balanced", "none")
 MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
+ON_BAD_IMAGE = ("error", "skip")
 MIN_IMAGE_SIZE = 32  # the smallest input Keras' ResNet50 and DenseNet121 accept
 
 
@@ -28,6 +29,7 @@ class TrainConfig:
     task: str = "four_class"
     val_fraction: float = 0.1
     seed: int = 0
+    on_bad_image: str = "error"
     # Input pipeline
     image_size: int = 224
     batch_size: int = 32
@@ -54,6 +56,7 @@ class TrainConfig:
     # Output
     output_dir: str = "saved_models"
     run_name: str | None = None
+    resume: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first flag whose value cannot work."""
@@ -65,6 +68,7 @@ class TrainConfig:
             "loss": losses.LOSS_NAMES,
             "mixed_precision": MIXED_PRECISION,
             "jit_compile": JIT_COMPILE,
+            "on_bad_image": ON_BAD_IMAGE,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -95,12 +99,30 @@ class TrainConfig:
                 raise ValueError(f"--chexnet_weights={self.chexnet_weights!r} does not exist.")
         if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
             raise ValueError(f"--weights={self.weights!r}: expected 'imagenet', 'none' or an existing weights file.")
+        if self.resume and not self.run_name:
+            raise ValueError("--resume needs --run_name=NAME, the run directory in --output_dir to continue.")
+        _check_writable(self.output_dir)
+
+    def to_flags(self) -> dict[str, str]:
+        """Every setting that is not None, as flag name -> value as written on a command line."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: f"{value}" for name, value in values.items() if value is not None}
 
     def to_flagfile(self) -> str:
         """Every setting as ``--name=value`` lines, reusable as ``--flagfile``."""
-        lines = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None:
-                lines.append(f"--{field.name}={value}")
-        return "\n".join(lines) + "\n"
+        return "".join(f"--{name}={value}\n" for name, value in self.to_flags().items())
+
+
+def _check_writable(output_dir: str) -> None:
+    """Raise ValueError unless ``output_dir`` exists writable or could be created.
+
+    Checked up front so that hours of data checking and model building do not end in a failed
+    ``mkdir``; the run directory itself is created later, atomically.
+    """
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir={output_dir!r} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir={output_dir!r} is not writable ({existing}).")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Collection
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,23 @@ class DataIndex:
     def class_counts(self, split: str) -> dict[str, int]:
         counts = self.split(split)["label"].value_counts()
         return {name: int(counts.get(name, 0)) for name in self.class_names}
+
+    def require_training_images(self, where: str) -> None:
+        """Raise DataError if a class has no training image: it could be neither learnt nor weighted."""
+        empty = [name for name, count in self.class_counts("train").items() if count == 0]
+        if empty:
+            raise DataError(f"{where} has no training images of class(es) {', '.join(empty)}.")
+
+    def without(self, paths: Collection[str], reason: str) -> DataIndex:
+        """This index minus the rows of ``paths``, counted under ``reason`` in ``excluded``."""
+        dropped = self.frame["path"].isin(list(paths))
+        index = DataIndex(
+            frame=self.frame[~dropped].reset_index(drop=True),
+            class_names=self.class_names,
+            excluded={**self.excluded, reason: int(dropped.sum())},
+        )
+        index.require_training_images(f"Without the {int(dropped.sum())} image(s) {reason}, the dataset")
+        return index
 
     def summary(self) -> str:
         lines = [
@@ -261,7 +279,5 @@ def load_index(
         class_names=class_names,
         excluded=excluded,
     )
-    empty = [name for name, count in index.class_counts("train").items() if count == 0]
-    if empty:
-        raise DataError(f"{csv_path}: task {task!r} has no training images of class(es) {', '.join(empty)}.")
+    index.require_training_images(f"{csv_path}: task {task!r}")
     return index

@@ -4,6 +4,8 @@ Examples::
 
     python -m xray_tf.train --flagfile=flags/demo.cfg              # synthetic data, minutes on CPU
     python -m xray_tf.train --flagfile=flags/pdcxfl.cfg --data_dir=PATH/TO/CORONAHACK
+    python -m xray_tf.train --data_dir=PATH/TO/CORONAHACK --check_data  # check every file, train nothing
+    python -m xray_tf.train --flagfile=saved_models/RUN/flags.txt --resume  # continue a killed run
 
 Flags are defined here only; they become a ``TrainConfig`` whose defaults they share.
 """
@@ -28,6 +30,11 @@ flags.DEFINE_string("extra_data", None, "Folder with metadata.csv (X_ray_image_n
 flags.DEFINE_enum("task", _DEFAULTS.task, list(data.TASKS), "Which classes to tell apart.")
 flags.DEFINE_float("val_fraction", _DEFAULTS.val_fraction, "Stratified share of TRAIN held out for validation.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for the split, sampling, augmentation and initialisation.")
+flags.DEFINE_enum("on_bad_image", _DEFAULTS.on_bad_image, list(config_lib.ON_BAD_IMAGE),
+                  "An image file that cannot be decoded: error stops before training, listing every such file; "
+                  "skip trains without them and lists them in the log and in RUN/skipped_images.csv.")
+flags.DEFINE_bool("check_data", False, "Only check the data: read the metadata, decode every image once, report "
+                  "every problem and exit (status 0: no problem, 1: problems). Trains nothing, writes nothing.")
 # Input pipeline
 flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Images are resized to image_size x image_size (>= 32).")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Batch size.")
@@ -61,6 +68,8 @@ flags.DEFINE_enum("jit_compile", _DEFAULTS.jit_compile, list(config_lib.JIT_COMP
 flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where run directories are created.")
 flags.DEFINE_string("run_name", None, "Name of the run directory (default: model_loss_task_timestamp); "
                     "an existing name gets a -2, -3 ... suffix, never overwritten.")
+flags.DEFINE_bool("resume", _DEFAULTS.resume, "Continue the unfinished run --output_dir/--run_name after its last "
+                  "finished epoch, with the settings it was started with (--flagfile=RUN/flags.txt --resume).")
 
 FLAGS = flags.FLAGS
 
@@ -75,9 +84,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from xray_tf import training  # imports Keras and TensorFlow: after flag parsing, so --help is fast
 
+    config = config_from_flags()
     try:
-        run_dir = training.run(config_from_flags())
-    except (ValueError, FileNotFoundError) as error:  # DataError is a ValueError
+        if FLAGS.check_data:  # problems that stop training raise; skipped images are listed
+            prepared = training.prepare_data(config)
+            print(training.check_report(prepared, config.task))
+            sys.exit(1 if prepared.skipped else 0)
+        run_dir = training.run(config)
+    # DataError is a ValueError; FloatingPointError: the loss diverged.
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         logging.error("%s", error)
         sys.exit(f"xray_tf.train: error: {error}")
     print(f"Run directory: {run_dir}")

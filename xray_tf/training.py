@@ -1,18 +1,30 @@
 """One training run, top to bottom: config -> data index -> tf.data -> Keras model -> fit -> run dir.
 
 Everything that can be checked is checked before the run directory is created and before the
-first image is decoded: the config, the dataset index (missing files, unknown labels, empty
-classes) and the model (weights files, ImageNet download).
+first epoch: the config, the dataset index (missing files, unknown labels, empty classes), every
+image (decoded once, see ``prepare_data``) and the model (weights files, ImageNet download).
+
+A run survives being killed: after every epoch the weights and optimizer state are backed up
+atomically, and ``resume=True`` continues from the last finished epoch with the same batches the
+uninterrupted run would have seen (the input pipeline replays epoch e from the seed and e), so a
+resumed run ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import glob
 import io
 import logging
+import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import keras
@@ -21,6 +33,7 @@ from keras import ops
 
 from xray_tf import artifacts, data, losses, metrics, models, pipeline, synthetic
 from xray_tf.config import TrainConfig
+from xray_tf.reports import read_flags
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +41,10 @@ SYNTHETIC_WARNING = (
     "NO --data_dir GIVEN: TRAINING ON SYNTHETIC DATA ({path}). "
     "Results say nothing about real X-rays; pass --data_dir=PATH/TO/CORONAHACK for real training."
 )
+BACKUP_DIR = "backup"  # inside the run directory; removed when the run has finished
+SKIPPED_IMAGES_CSV = "skipped_images.csv"
+_SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
+_RUN_LOCATION_FLAGS = ("output_dir", "run_name", "resume")  # may differ when a run is resumed
 
 
 def step_decay(epoch: int, initial_rate: float, factor: float, every: int) -> float:
@@ -42,11 +59,12 @@ class HistoryCSV(keras.callbacks.Callback):
     the learning rate used, the epoch's wall time and the training throughput in images/s.
     """
 
-    def __init__(self, path: str, images_per_epoch: int):
+    def __init__(self, path: str, images_per_epoch: int, rows: list[dict[str, float]] | None = None):
+        """``rows``: the epochs a resumed run keeps (``read_history``), continued after them."""
         super().__init__()
         self.path = path
         self.images_per_epoch = images_per_epoch
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = list(rows or [])
         self._epoch_start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -68,6 +86,109 @@ class HistoryCSV(keras.callbacks.Callback):
         artifacts.write_text_atomic(self.path, buffer.getvalue())
 
 
+def read_history(path: str, last_epoch: int) -> list[dict[str, float]]:
+    """The rows of ``history.csv`` for epochs 1 to ``last_epoch``: what a resumed run keeps.
+
+    Rows after ``last_epoch`` belong to an epoch whose backup was never written; it runs again, so
+    dropping them leaves every epoch in the file exactly once.
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        rows = [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+    return [{**row, "epoch": int(row["epoch"])} for row in rows if row["epoch"] <= last_epoch]
+
+
+def _save_atomic(save: Callable[[str], None], path: str) -> None:
+    """``save(temporary)`` beside ``path``, then rename: a kill mid-save leaves the previous file.
+
+    The temporary name keeps ``path``'s ending, from which Keras picks the file format.
+    """
+    directory, name = os.path.split(path)
+    ending = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=ending, dir=directory)
+    os.close(descriptor)
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model to ``path`` whenever ``val_loss`` reaches a new minimum, atomically.
+
+    Unlike ``ModelCheckpoint`` it never leaves half a ``.keras`` file, and a resumed run starts
+    it from the best epoch so far (``best``, ``best_epoch``) rather than from infinity.
+    """
+
+    def __init__(self, path: str, best: float = math.inf, best_epoch: int | None = None):
+        super().__init__()
+        self.path = path
+        self.best = best
+        self.best_epoch = best_epoch  # 1-based; None until an epoch has a finite val_loss
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if value is not None and float(value) < self.best:  # NaN is never less
+            _save_atomic(self.model.save, self.path)
+            self.best, self.best_epoch = float(value), epoch + 1
+
+
+def _backups(backup_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(backup_dir, "epoch-*.weights.h5")))
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """After each epoch, weights and optimizer state as ``backup_dir/epoch-NNNN.weights.h5``.
+
+    Keras' ``BackupAndRestore`` writes its weights file in place and the epoch number into a
+    second file, so a kill during the backup can leave a corrupt file or weights of one epoch
+    labelled with another. Here one file holds both (the epoch is in its name) and appears by
+    rename, so the newest backup is always complete. An epoch stopped by ``TerminateOnNaN`` is
+    not backed up: resuming starts from the last finite weights.
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.backup_dir = backup_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        _save_atomic(self.model.save_weights, os.path.join(self.backup_dir, f"epoch-{epoch + 1:04d}.weights.h5"))
+        for older in _backups(self.backup_dir)[:-1]:
+            os.remove(older)
+
+
+def restore_backup(model: keras.Model, backup_dir: str) -> int:
+    """Load the newest ``EpochBackup`` into compiled ``model``; return its epoch (0: no backup)."""
+    backups = _backups(backup_dir)
+    if not backups:
+        return 0
+    model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+    model.load_weights(backups[-1])
+    return int(re.search(r"epoch-(\d+)\.weights\.h5$", backups[-1]).group(1))
+
+
+def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop: int, **fit_args) -> None:
+    """``model.fit`` on epochs ``first`` to ``stop - 1`` (0-based) of ``datasets``.
+
+    Each epoch gets the batches it would get in a run started at epoch 0, so a run resumed at
+    ``first`` continues exactly as the uninterrupted run. ``fit_args`` go to ``model.fit``.
+    """
+    if first >= stop:
+        return
+    # Build the compiled loss and metrics on a batch of their own: Keras' JAX trainer otherwise
+    # builds them from a batch it draws out of the training stream, shifting every epoch by one.
+    model.evaluate(datasets.evaluation["train"].take(1), verbose=0)
+    model.fit(datasets.epochs(first, stop), steps_per_epoch=datasets.steps_per_epoch, initial_epoch=first,
+              epochs=stop, shuffle=False, **fit_args)  # shuffle: the tf.data pipeline shuffles and samples
+
+
 def _dtype_policy(mixed_precision: str) -> str:
     if mixed_precision == "off":
         return "float32"
@@ -86,6 +207,84 @@ def _default_run_name(config: TrainConfig) -> str:
     return f"{config.model}_{config.loss}_{config.task}_{stamp}"
 
 
+def _run_to_resume(config: TrainConfig) -> str:
+    """The run directory ``--resume`` continues, once it is known that it can and should be continued."""
+    run_dir = os.path.join(config.output_dir, config.run_name)
+    flags_path = os.path.join(run_dir, "flags.txt")
+    if not os.path.isfile(flags_path):
+        raise ValueError(f"--resume: {run_dir} is not a run directory (no flags.txt there); nothing to resume.")
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        raise ValueError(f"--resume: {run_dir} has finished (it has metrics.json); start a new run instead.")
+    started, now = read_flags(run_dir), config.to_flags()
+    changed = sorted(name for name in started.keys() | now.keys()
+                     if name not in _RUN_LOCATION_FLAGS and started.get(name) != now.get(name))
+    if changed:
+        listing = "; ".join(f"--{name} was {started.get(name, 'unset')}, now {now.get(name, 'unset')}"
+                            for name in changed)
+        raise ValueError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "
+                         f"only with its own settings: --flagfile={flags_path} --resume")
+    return run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """The dataset as training will use it, and what was left out of it."""
+
+    data_dir: str
+    synthetic: bool  # no --data_dir: the generated stand-in
+    index: data.DataIndex  # without the skipped images
+    skipped: dict[str, str]  # path -> why it cannot be decoded (--on_bad_image=skip)
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Validate ``config``, index the dataset and decode every image once, as ``--on_bad_image`` says.
+
+    This is all of ``--check_data`` and the start of every run: every problem with the metadata or
+    the image files is raised as one DataError before anything is trained or written.
+    """
+    config.validate()
+    synthetic_data = config.data_dir is None
+    data_dir = config.data_dir or synthetic.ensure_default_dataset()
+    if synthetic_data:
+        logger.warning(SYNTHETIC_WARNING.format(path=data_dir))
+    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, config.extra_data)
+    logger.info("Data index of %s, task %s:\n%s", data_dir, config.task, index.summary())
+
+    unreadable = pipeline.find_unreadable(index.frame["path"], config.image_size)
+    if unreadable:
+        listing = _list_files(unreadable)
+        if config.on_bad_image == "error":
+            raise data.DataError(f"{len(unreadable)} image file(s) cannot be decoded (--on_bad_image=skip "
+                                 f"trains without them):\n{listing}")
+        logger.warning("Skipping %d image file(s) that cannot be decoded (--on_bad_image=skip):\n%s",
+                       len(unreadable), listing)
+        index = index.without(unreadable, _SKIPPED)
+    return PreparedData(data_dir, synthetic_data, index, unreadable)
+
+
+def _list_files(reasons: dict[str, str]) -> str:
+    return "\n".join(f"  {path}: {reason}" for path, reason in sorted(reasons.items()))
+
+
+def check_report(prepared: PreparedData, task: str) -> str:
+    """What ``--check_data`` prints: the images training would use, and any it would skip."""
+    lines = [f"{prepared.data_dir}, task {task}:", prepared.index.summary()]
+    if prepared.skipped:
+        lines += [f"{len(prepared.skipped)} image file(s) cannot be decoded; --on_bad_image=skip leaves them out:",
+                  _list_files(prepared.skipped)]
+    else:
+        lines.append("No problems found.")
+    return "\n".join(lines)
+
+
+def _skipped_csv(skipped: dict[str, str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "reason"])
+    writer.writerows(sorted(skipped.items()))
+    return buffer.getvalue()
+
+
 def evaluate_splits(model: keras.Model, datasets: dict, class_names: tuple[str, ...]) -> dict:
     """``classification_report`` (ROC AUC included) of ``model`` on each split's unaugmented batches."""
     reports = {}
@@ -101,17 +300,17 @@ def evaluate_splits(model: keras.Model, datasets: dict, class_names: tuple[str, 
 
 
 def run(config: TrainConfig, verbose: int | str = "auto") -> str:
-    """Train as ``config`` says and return the run directory holding every artifact."""
-    config.validate()
-    synthetic_data = config.data_dir is None
-    data_dir = config.data_dir or synthetic.ensure_default_dataset()
-    if synthetic_data:
-        logger.warning(SYNTHETIC_WARNING.format(path=data_dir))
+    """Train as ``config`` says and return the run directory holding every artifact.
 
-    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, config.extra_data)
+    With ``config.resume`` the run directory ``output_dir/run_name`` of an unfinished run is
+    continued after its last backed-up epoch; otherwise a new directory is created.
+    """
+    config.validate()
+    resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
+    prepared = prepare_data(config)
+    index = prepared.index
     class_names = index.class_names
     train_counts = list(index.class_counts("train").values())
-    logger.info("Data index of %s, task %s:\n%s", data_dir, config.task, index.summary())
 
     loss = losses.build_loss(config.loss, train_counts, config.focal_gamma, config.focal_alpha)
     class_weight = None
@@ -139,11 +338,21 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
         seed=config.seed,
     )
     datasets = pipeline.build_datasets(index.frame, len(class_names), settings)
+    if "val" not in datasets.evaluation:
+        raise data.DataError(f"{prepared.data_dir}: no validation images, so no epoch can be chosen; every "
+                             "class needs at least 2 training images (see --val_fraction).")
 
-    run_dir = artifacts.create_run_dir(config.output_dir, config.run_name or _default_run_name(config))
+    if resumed_dir:
+        run_dir = resumed_dir
+    else:
+        run_dir = artifacts.create_run_dir(config.output_dir, config.run_name or _default_run_name(config))
+        # flags.txt names the directory actually created, so --flagfile=RUN/flags.txt --resume finds it.
+        own_flags = dataclasses.replace(config, run_name=os.path.basename(run_dir))
+        artifacts.write_text_atomic(os.path.join(run_dir, "flags.txt"), own_flags.to_flagfile())
+        artifacts.write_json_atomic(os.path.join(run_dir, "classes.json"), list(class_names))
     logger.info("Run directory: %s", run_dir)
-    artifacts.write_text_atomic(os.path.join(run_dir, "flags.txt"), config.to_flagfile())
-    artifacts.write_json_atomic(os.path.join(run_dir, "classes.json"), list(class_names))
+    if prepared.skipped:
+        artifacts.write_text_atomic(os.path.join(run_dir, SKIPPED_IMAGES_CSV), _skipped_csv(prepared.skipped))
 
     decode_seconds = pipeline.fill_caches(datasets) if config.cache != "none" else 0.0
 
@@ -154,49 +363,64 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
         + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
         jit_compile=_jit_compile(config.jit_compile),
     )
+    backup_dir = os.path.join(run_dir, BACKUP_DIR)
+    initial_epoch = restore_backup(model, backup_dir)
+    history_path = os.path.join(run_dir, "history.csv")
+    restored_rows = read_history(history_path, initial_epoch)
+    if resumed_dir:
+        logger.info("Resuming %s after epoch %d of %d", run_dir, initial_epoch, config.epochs)
+    finite = [(row["val_loss"], row["epoch"]) for row in restored_rows if math.isfinite(row.get("val_loss", math.nan))]
     checkpoint_path = os.path.join(run_dir, "model.keras")
-    num_train = len(index.split("train"))
+    checkpoint = BestCheckpoint(checkpoint_path, *min(finite, default=(math.inf, None)))
+    history_csv = HistoryCSV(history_path, len(index.split("train")), restored_rows)
     callbacks = [
         keras.callbacks.LearningRateScheduler(
             lambda epoch: step_decay(epoch, config.learning_rate, config.lr_decay, config.lr_decay_epochs)
         ),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(checkpoint_path, monitor="val_loss", mode="min", save_best_only=True),
-        HistoryCSV(os.path.join(run_dir, "history.csv"), num_train),
+        checkpoint,
+        history_csv,
+        EpochBackup(backup_dir),  # last: an epoch is backed up only once its history row and checkpoint exist
     ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     fit_start = time.perf_counter()
-    history = model.fit(
-        datasets.train,
-        validation_data=datasets.evaluation["val"],
-        epochs=config.epochs,
-        class_weight=class_weight,
-        shuffle=False,  # the tf.data pipeline shuffles and samples
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    fit_epochs(model, datasets, initial_epoch, config.epochs, validation_data=datasets.evaluation["val"],
+               class_weight=class_weight, callbacks=callbacks, verbose=verbose)
     fit_seconds = time.perf_counter() - fit_start
+    if model.stop_training:  # only TerminateOnNaN stops a fit early
+        raise FloatingPointError(
+            f"Training stopped in epoch {len(history_csv.rows)}: the loss became NaN or infinite. Lower "
+            f"--learning_rate (it is {config.learning_rate:g}) or check the data. {run_dir} is left unfinished; "
+            "its history.csv shows the epochs before."
+        )
+    if checkpoint.best_epoch is None:
+        raise FloatingPointError(f"No epoch had a finite validation loss, so there is no model to keep. Lower "
+                                 f"--learning_rate (it is {config.learning_rate:g}) or check the data.")
 
     best = models.load_model(checkpoint_path)
-    val_losses = history.history["val_loss"]
-    best_epoch = int(np.nanargmin(val_losses)) + 1
-    artifacts.export_saved_model(best, os.path.join(run_dir, "saved_model"))
+    saved_model_path = os.path.join(run_dir, "saved_model")
+    if resumed_dir and os.path.isdir(saved_model_path):  # exported before the kill, from the same model.keras
+        shutil.rmtree(saved_model_path)
+    artifacts.export_saved_model(best, saved_model_path)
     report = {
-        "synthetic_data": synthetic_data,
-        "data_dir": os.path.abspath(data_dir),
+        "synthetic_data": prepared.synthetic,
+        "data_dir": os.path.abspath(prepared.data_dir),
         "task": config.task,
         "classes": list(class_names),
         "images": {split: index.class_counts(split) for split in data.SPLITS},
         "excluded_rows": index.excluded,
-        "model_selection": {"monitor": "val_loss", "best_epoch": best_epoch, "epochs_run": len(val_losses)},
+        "model_selection": {"monitor": "val_loss", "best_epoch": checkpoint.best_epoch,
+                            "epochs_run": len(history_csv.rows)},
+        "resumed_after_epoch": initial_epoch if resumed_dir else None,
         "dtype_policy": policy,
         "seconds": {"decode_and_cache": round(decode_seconds, 2), "fit": round(fit_seconds, 2)},
         "splits": evaluate_splits(best, datasets.evaluation, class_names),
     }
     artifacts.write_json_atomic(os.path.join(run_dir, "metrics.json"), report)
+    shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in report["splits"].items())
-    logger.info("Best epoch %d of %d (by val_loss): %s", best_epoch, len(val_losses), summary)
-    if synthetic_data:
-        logger.warning(SYNTHETIC_WARNING.format(path=data_dir))
+    logger.info("Best epoch %d of %d (by val_loss): %s", checkpoint.best_epoch, len(history_csv.rows), summary)
+    if prepared.synthetic:
+        logger.warning(SYNTHETIC_WARNING.format(path=prepared.data_dir))
     return run_dir

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -152,18 +151,12 @@ def load_predictor(model_path: str) -> Predictor:
                      "a SavedModel directory nor a .keras file.")
 
 
-def _reason(error: tf.errors.OpError) -> str:
-    """TensorFlow's message without the op names around it, e.g. 'Input is empty.' for an empty file."""
-    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
-    return re.sub(r"\s*\[Op:\w+\].*$", "", message, flags=re.DOTALL).replace("\n", " ").strip()
-
-
 def decode_file(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
     """``(uint8 [S, S, 1], None)`` decoded exactly as in training, or ``(None, why it cannot be read)``."""
     try:
         return pipeline.decode_image(tf.constant(path), image_size).numpy(), None
     except tf.errors.OpError as error:  # corrupt, truncated, empty, not an image, unreadable
-        return None, _reason(error)
+        return None, pipeline.decode_error_message(error)
 
 
 def overlay_names(files: Sequence[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ chosen task's classes; both are counted so the log says what was left out.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 import os
 from collections.abc import Collection
 
@@ -147,16 +148,25 @@ def fine_classes(metadata: pd.DataFrame) -> pd.Series:
     return pd.Series(np.select(conditions, choices, default=None), index=metadata.index, dtype="object")
 
 
-def _read_csv(csv_path: str, required: tuple[str, ...]) -> pd.DataFrame:
+def read_csv_checked(
+    csv_path: str, required: Sequence[str], error: type[ValueError] = DataError, rows: str = "rows"
+) -> pd.DataFrame:
+    """Read a CSV that must exist, have the ``required`` columns and at least one row.
+
+    Every failure raises ``error`` with a message naming the file; ``rows`` is what a row is
+    called in the message ("no epochs" for a history file).
+    """
     try:
         frame = pd.read_csv(csv_path)
+    except FileNotFoundError:
+        raise error(f"{csv_path}: no such file.") from None
     except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path}: the file is empty.") from None
+        raise error(f"{csv_path}: the file is empty.") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}.")
+        raise error(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}.")
     if frame.empty:
-        raise DataError(f"{csv_path}: no rows.")
+        raise error(f"{csv_path}: no {rows}.")
     return frame
 
 
@@ -209,7 +219,7 @@ def _read_extra_data(extra_dir: str) -> pd.DataFrame:
     csv_path = os.path.join(extra_dir, "metadata.csv")
     if not os.path.isfile(csv_path):
         raise DataError(f"--extra_data={extra_dir!r}: no metadata.csv there.")
-    extra = _read_csv(csv_path, ("X_ray_image_name", "Label"))
+    extra = read_csv_checked(csv_path, ("X_ray_image_name", "Label"))
     extra = extra.assign(
         path=[os.path.join(extra_dir, "images", name) for name in extra["X_ray_image_name"].astype(str)],
         fine_class=extra["Label"].where(extra["Label"].isin(FINE_CLASSES)),
@@ -236,7 +246,7 @@ def load_index(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val_fraction={val_fraction} must be strictly between 0 and 1.")
     csv_path, image_root = locate_dataset(data_dir)
-    metadata = _read_csv(csv_path, _REQUIRED_COLUMNS)
+    metadata = read_csv_checked(csv_path, _REQUIRED_COLUMNS)
 
     dataset_type = metadata["Dataset_type"].astype("string").str.strip().str.upper()
     bad_type = metadata[~dataset_type.isin(["TRAIN", "TEST"]).fillna(False)]

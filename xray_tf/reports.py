@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from xray_tf import data
+
 # Flagfile names (flags/<name>.cfg) of the paper's six Table 1 experiments, in the paper's order.
 PAPER_EXPERIMENTS = {
     "prce": "PRCE: ImageNet ResNet50, cross-entropy",
@@ -122,17 +124,7 @@ def read_flags(run_dir: str) -> dict[str, str]:
 def read_history(run_dir: str) -> pd.DataFrame:
     """``history.csv`` with at least loss, accuracy, val_loss, val_accuracy and an ``epoch`` column (1-based)."""
     path = os.path.join(run_dir, "history.csv")
-    try:
-        history = pd.read_csv(path)
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file.") from None
-    except pd.errors.EmptyDataError:
-        raise RunError(f"{path}: the file is empty.") from None
-    missing = [column for column in HISTORY_COLUMNS if column not in history.columns]
-    if missing:
-        raise RunError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(history.columns)}.")
-    if history.empty:
-        raise RunError(f"{path}: no epochs.")
+    history = data.read_csv_checked(path, HISTORY_COLUMNS, error=RunError, rows="epochs")
     if "epoch" not in history.columns:  # older runs: rows are epochs 1, 2, ...
         history.insert(0, "epoch", np.arange(1, len(history) + 1))
     return history

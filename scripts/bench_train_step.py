@@ -1,0 +1,149 @@
+"""Training-step throughput: the Keras 3 model of xray_tf against PyTorch, same architecture and batch.
+
+Both sides train the same network shape (Keras' ResNet50 v1 or DenseNet121 with a 4-way softmax
+head) from uint8 grey images: cast, repeat to 3 channels, normalise, forward, cross-entropy,
+backward, Adam step. Inputs are random and resident in memory, so the input pipeline is out of the
+measurement. The two sides alternate (Keras, PyTorch, Keras, ...) and the script prints the median
+images/s of each and their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
+run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16``.
+
+    python scripts/bench_train_step.py --model=resnet50 --image_size=96 --batch_size=16 --steps=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def keras_images_per_second(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> float:
+    """Images/s over ``--steps`` timed train steps, after two warm-up steps that compile."""
+    import keras
+
+    from xray_tf import models
+
+    if args.precision == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    model = models.build_model(args.model, 4, args.image_size, weights="none")
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(),
+                  jit_compile=args.jit_compile)
+    for _ in range(2):
+        model.train_on_batch(images, labels)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = model.train_on_batch(images, labels)
+    float(np.asarray(loss))  # wait for the device
+    return args.steps * len(images) / (time.perf_counter() - start)
+
+
+def torch_model(name: str):
+    """ResNet50 v1 (stride in the first 1x1 conv, like Keras) or DenseNet121, with a 4-way head."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list:
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, width: int, stride: int):
+            super().__init__()
+            self.body = nn.Sequential(*conv_bn(cin, width, 1, stride), nn.ReLU(), *conv_bn(width, width, 3),
+                                      nn.ReLU(), *conv_bn(width, width * 4, 1))
+            self.shortcut = nn.Sequential(*conv_bn(cin, width * 4, 1, stride)) if stride > 1 or cin != width * 4 \
+                else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.shortcut(x))
+
+    class DenseLayer(nn.Module):
+        def __init__(self, cin: int):
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 128, 1, bias=False),
+                                      nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 32, 3, padding=1, bias=False))
+
+        def forward(self, x):
+            return torch.cat([x, self.body(x)], 1)
+
+    layers = [*conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    if name == "resnet50":
+        cin = 64
+        for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+            for block in range(blocks):
+                layers.append(Bottleneck(cin, width, stride if block == 0 else 1))
+                cin = width * 4
+    else:
+        cin = 64
+        for i, blocks in enumerate([6, 12, 24, 16]):
+            for _ in range(blocks):
+                layers.append(DenseLayer(cin))
+                cin += 32
+            if i < 3:
+                layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cin // 2, 1, bias=False), nn.AvgPool2d(2)]
+                cin //= 2
+        layers += [nn.BatchNorm2d(cin), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 4))
+
+
+def torch_images_per_second(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> float:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = torch_model(args.model).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    x_uint8 = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).long().to(device)
+
+    def step():
+        x = x_uint8.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()  # wait for the device
+    return args.steps * len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["resnet50", "densenet121"], default="resnet50")
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--jit_compile", default="auto", help="Keras compile(jit_compile=...): auto, True or False")
+    args = parser.parse_args()
+    args.jit_compile = {"true": True, "false": False}.get(args.jit_compile.lower(), "auto")
+
+    import keras
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 1), dtype=np.uint8)
+    labels = rng.integers(0, 4, args.batch_size).astype(np.int32)
+    print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
+          f"Keras backend {keras.backend.backend()}, {args.steps} steps x {args.repeats} alternating repeats", flush=True)
+    ours, theirs = [], []
+    for repeat in range(args.repeats):
+        ours.append(keras_images_per_second(args, images, labels))
+        theirs.append(torch_images_per_second(args, images, labels))
+        print(f"  repeat {repeat + 1}: Keras {ours[-1]:.1f} img/s, PyTorch {theirs[-1]:.1f} img/s", flush=True)
+    keras_rate, torch_rate = statistics.median(ours), statistics.median(theirs)
+    print(f"| {args.model} | {args.image_size} | {args.batch_size} | {args.precision} | {keras.backend.backend()} "
+          f"| {keras_rate:.1f} | {torch_rate:.1f} | {keras_rate / torch_rate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

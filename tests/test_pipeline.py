@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -20,8 +21,8 @@ def small_settings(**overrides) -> pipeline.PipelineSettings:
     return pipeline.PipelineSettings(**{"image_size": 32, "batch_size": 8, **overrides})
 
 
-def epoch(datasets: pipeline.Datasets) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(images.numpy(), labels.numpy()) for images, labels in datasets.train]
+def epoch(datasets: pipeline.Datasets, number: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(images.numpy(), labels.numpy()) for images, labels in datasets.epochs(number, number + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_decode_real_full_resolution_files():
 
 def test_shapes_dtypes_and_step_count(index):
     datasets = pipeline.build_datasets(index.frame, 4, small_settings())
-    images, labels = next(iter(datasets.train))
+    images, labels = next(iter(datasets.epochs(0, 1)))
     assert images.dtype == tf.uint8 and images.shape[1:] == (32, 32, 1)
     assert labels.dtype == tf.float32 and labels.shape[1:] == (4,)
     assert np.allclose(labels.numpy().sum(axis=1), 1)
@@ -71,7 +72,7 @@ def test_balanced_sampler_draws_classes_uniformly(index):
     counts = np.array(list(index.class_counts("train").values()))
     assert counts.max() / counts.min() >= 5  # imbalanced to begin with
     datasets = pipeline.build_datasets(index.frame, 4, small_settings(batch_size=64))
-    draws = np.concatenate([labels.argmax(1) for _ in range(12) for _, labels in epoch(datasets)])
+    draws = np.concatenate([labels.numpy().argmax(1) for _, labels in datasets.epochs(0, 12)])
     frequencies = np.bincount(draws, minlength=4) / len(draws)
     # ~830 draws: the standard error of a frequency of 0.25 is 0.015, so 0.05 is > 3 sigma.
     assert np.all(np.abs(frequencies - 0.25) < 0.05), frequencies
@@ -139,11 +140,65 @@ def test_file_cache_is_written_and_reused(index, tmp_path):
     cache = str(tmp_path / "cache")
     datasets = pipeline.build_datasets(index.frame, 4, small_settings(cache=cache))
     pipeline.fill_caches(datasets)
-    written = sorted(os.listdir(cache))
-    assert any(name.startswith("train_class0_32px_") for name in written)
+    written = {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)}
+    assert sorted(name.split("px_")[0] + name[-4:] for name in written) == ["images_32.npy", "images_32.npy"]
     again = pipeline.build_datasets(index.frame, 4, small_settings(cache=cache))
-    assert [a[1].tolist() for a in epoch(datasets)] == [b[1].tolist() for b in epoch(again)]
-    assert sorted(os.listdir(cache)) == written
+    pipeline.fill_caches(again)
+    assert isinstance(again.images.decoded.images, np.memmap)  # read from the file, not decoded again
+    first, second = epoch(datasets), epoch(again)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
+    assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == written
+
+
+@pytest.mark.parametrize("sampler", ["balanced", "none"])
+def test_every_cache_setting_serves_the_same_batches(index, tmp_path, sampler):
+    """memory, a cache directory and no cache: the batches of an epoch depend on (seed, epoch) only."""
+    served = [epoch(pipeline.build_datasets(index.frame, 4, small_settings(cache=cache, sampler=sampler)), 1)
+              for cache in ("memory", str(tmp_path / "cache"), "none")]
+    for other in served[1:]:
+        assert len(other) == len(served[0])
+        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(served[0], other))
+
+
+def test_decoding_once_checks_and_keeps_the_images(tmp_path):
+    """The pre-training pass keeps every readable image, says why the others fail, and the
+    datasets use its images rather than decoding the files again."""
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"good{i}.png"))
+        Image.fromarray(np.full((40, 50), 40 * i, np.uint8), "L").save(paths[-1])
+    bad = str(tmp_path / "bad.jpeg")
+    open(bad, "w").write("<html>404</html>")
+    decoded = pipeline.decode_images(paths + [bad], 32)
+    assert decoded.unreadable == pipeline.find_unreadable(paths + [bad], 32)
+    assert list(decoded.unreadable) == [bad] and "not an image but text" in decoded.unreadable[bad]
+    for row, path in enumerate(paths):
+        assert np.array_equal(decoded.images[row], pipeline.decode_image(tf.constant(path), 32).numpy())
+    assert pipeline.find_unreadable(paths, 32) == {}
+
+    frame = pd.DataFrame({"path": paths, "label_index": [0, 1, 0, 1, 0], "split": ["train"] * 5})
+    datasets = pipeline.build_datasets(frame, 2, small_settings(flip_prob=0.0, rotation_prob=0.0))
+    marked = dataclasses.replace(decoded, images=decoded.images + 1)  # not what the files decode to
+    assert pipeline.fill_caches(datasets, marked) == decoded.seconds
+    served = np.concatenate([images.numpy() for images, _ in datasets.evaluation["train"]])
+    assert np.array_equal(served, decoded.images[:5] + 1)
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        with_bad = frame.assign(path=paths[:4] + [bad])
+        pipeline.fill_caches(pipeline.build_datasets(with_bad, 2, small_settings()), decoded)
+
+
+def test_large_jpegs_are_decoded_downscaled_much_as_in_full(tmp_path):
+    """Grey and colour JPEGs several times larger than the target are DCT-downscaled while decoding;
+    the result stays close to decoding in full and resizing (the generic path)."""
+    rows = np.linspace(0, 255, 700)
+    picture = np.clip(np.add.outer(rows, rows) / 2 + 30 * np.sin(np.arange(700) / 40)[:, None], 0, 255)
+    for mode in ("L", "RGB"):
+        path = str(tmp_path / f"big_{mode}.jpeg")
+        pixels = picture.astype(np.uint8)
+        Image.fromarray(pixels if mode == "L" else np.dstack([pixels] * 3), mode).save(path, quality=95)
+        fast = pipeline.decode_image(tf.constant(path), 64).numpy().astype(int)
+        full = pipeline._decode_any(tf.io.read_file(path), 64).numpy()
+        assert np.abs(fast - np.round(full)).mean() < 2 and np.abs(fast - np.round(full)).max() < 12, mode
 
 
 def test_no_training_rows_is_an_error():

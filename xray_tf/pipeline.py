@@ -1,22 +1,22 @@
-"""tf.data input pipeline: decode once, cache uint8, then sample, augment and batch every epoch.
+"""tf.data input pipeline: decode once, keep uint8, then sample, augment and batch every epoch.
 
 Order of work, chosen so that the expensive part happens once:
 
 1. read + decode (JPEG, PNG, BMP, GIF (first frame) or WebP of any size; grey, RGB, RGBA or CMYK;
    8 or 16 bit) to one grey uint8 channel, resize to ``image_size`` (bilinear with antialiasing),
-   all in parallel;
-2. cache the resized uint8 images (in memory or in files), one cache per class when sampling is
-   class-balanced so each class can be drawn from independently;
-3. per epoch: shuffle, class-balanced sampling, batch, then augment whole batches (flips,
-   rotation) with stateless random ops seeded from the pipeline seed, prefetch.
+   all in parallel. This single pass (``decode_images``) is also the pre-training check: rows that
+   fail are dropped with ``ignore_errors`` and only they are examined again to say why;
+2. keep the resized uint8 images as one array (in memory, or a memory-mapped ``.npy`` file in a
+   cache directory for data larger than RAM);
+3. per epoch: draw the whole epoch's rows up front in NumPy from ``(seed, epoch)`` (class-balanced
+   or a permutation), gather each batch from the array, augment whole batches (flips, rotation)
+   with stateless random ops seeded per batch, prefetch.
 
-Augmentation runs after batching, vectorised, and is seeded per batch, so two pipelines built
-with the same seed yield identical batches whatever the parallelism. Every random choice of
-epoch ``e`` derives from ``(seed, e)`` alone, so a run resumed at epoch ``e`` sees exactly the
-batches the uninterrupted run would have seen.
-
-``find_unreadable`` decodes a list of files once before training and says, per file, why it
-cannot be used, so a bad file stops a run before it starts rather than in the middle of an epoch.
+Every random choice of epoch ``e`` derives from ``(seed, e)`` alone and no step depends on thread
+timing, so two pipelines built with the same seed yield identical batches whatever the parallelism,
+and a run resumed at epoch ``e`` sees exactly the batches the uninterrupted run would have seen.
+Drawing indices up front replaced per-element tf.data sampling (cache -> shuffle -> repeat ->
+sample_from_datasets -> batch); see BENCHMARKS.md section 1 for what each change gave.
 """
 
 from __future__ import annotations
@@ -65,20 +65,55 @@ def _luma(rgb: tf.Tensor) -> tf.Tensor:
     return red + tf.reduce_sum((rgb[..., 1:] - red) * (0.587, 0.114), axis=-1, keepdims=True)
 
 
-def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read one image file and return it as ``uint8 [image_size, image_size, 1]``.
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Bilinear, antialiased resize to a float square; skipped when the image already has that size."""
+    same = tf.reduce_all(tf.shape(image)[:2] == image_size)
+    return tf.cond(same, lambda: tf.cast(image, tf.float32),
+                   lambda: tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True))
+
+
+def _decode_grey_jpeg(raw: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A grey or YCbCr JPEG as its luma channel, DCT-downscaled by 2, 4 or 8 while still >= ``image_size``.
+
+    libjpeg hands out the Y channel directly (no colour conversion) and can scale by 1/2, 1/4 or 1/8
+    while decoding, which skips most of the work on a large image; the resize finishes the job.
+    """
+    shortest = tf.reduce_min(tf.io.extract_jpeg_shape(raw)[:2])
+    # Output sides are ceil(side / ratio); take the largest ratio that keeps them >= image_size.
+    branch = tf.reduce_sum(tf.cast(-(-shortest // (2, 4, 8)) >= image_size, tf.int32))
+    return tf.switch_case(branch, [
+        functools.partial(tf.io.decode_jpeg, raw, channels=1, ratio=ratio) for ratio in (1, 2, 4, 8)
+    ])
+
+
+def _decode_any(raw: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Any supported format as float grey ``[image_size, image_size, 1]``, resized in colour first.
 
     Files are decoded with their own channels, since TensorFlow's grey conversion (``channels=1``)
     fails on GIF, BMP, WebP and CMYK JPEG. Colour (RGB, RGBA, CMYK) is resized in colour, alpha
     dropped, and then turned grey: resizing first keeps a huge colour image's memory small.
-    ``dtype=uint8`` rescales 16-bit PNGs; the resize squashes to a square like the Kaggle copies.
+    ``dtype=uint8`` rescales 16-bit PNGs.
     """
-    raw = tf.io.read_file(path)
     image = tf.io.decode_image(raw, channels=0, dtype=tf.uint8, expand_animations=False)
     colour = tf.shape(image)[-1] >= 3  # else grey, or grey + alpha
     image = tf.cond(colour, lambda: image[..., :3], lambda: image[..., :1])
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    image = tf.cond(colour, lambda: _luma(image), lambda: image)
+    image = _resize(image, image_size)
+    return tf.cond(colour, lambda: _luma(image), lambda: image)
+
+
+def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read one image file and return it as ``uint8 [image_size, image_size, 1]``.
+
+    Grey and YCbCr JPEGs, most X-rays, take a fast path (``_decode_grey_jpeg``); everything else,
+    CMYK JPEGs included, goes through ``_decode_any``. The resize squashes to a square like the
+    Kaggle copies.
+    """
+    raw = tf.io.read_file(path)
+    jpeg = tf.strings.substr(raw, 0, 3) == b"\xff\xd8\xff"
+    grey_jpeg = tf.logical_and(jpeg, tf.cond(jpeg, lambda: tf.io.extract_jpeg_shape(raw)[2] != 4,
+                                             lambda: tf.constant(False)))
+    image = tf.cond(grey_jpeg, lambda: _resize(_decode_grey_jpeg(raw, image_size), image_size),
+                    lambda: _decode_any(raw, image_size))
     return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
@@ -146,41 +181,111 @@ def _why_unreadable(path: str, image_size: int) -> str | None:
     return f"not an image ({message})"
 
 
-def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 10.0) -> dict[str, str]:
-    """Decode every file once, as training will; return ``{path: reason}`` for those that fail.
+@dataclasses.dataclass(frozen=True)
+class DecodedImages:
+    """The result of the one decoding pass: each row's image (if kept) and why the others failed."""
 
-    One parallel tf.data pass decodes everything, dropping failures with ``ignore_errors``; only
-    the files it dropped are decoded again, one by one, to say why. Progress is logged every
-    ``log_every_s`` seconds, since a large dataset takes minutes.
+    paths: tuple[str, ...]
+    images: np.ndarray | None  # uint8 [len(paths), size, size, 1] in RAM or memory-mapped; None: not kept
+    unreadable: dict[str, str]  # path -> why it cannot be decoded
+    seconds: float  # spent in decode_images (little when a complete cache file was reused)
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Row of ``images`` holding each of ``paths``."""
+        row_of = {path: row for row, path in enumerate(self.paths)}
+        return np.fromiter((row_of[path] for path in paths), dtype=np.int64, count=len(paths))
+
+
+def _images_cache_name(paths: Sequence[str], image_size: int) -> str:
+    """A cache-file name that changes whenever the list of files or the size changes."""
+    digest = hashlib.sha1(f"{image_size}\n".encode())
+    for path in paths:
+        digest.update(f"{path}\n".encode())
+    return f"images_{image_size}px_{digest.hexdigest()[:16]}"
+
+
+def _decode_pass(paths: list[str], image_size: int, out: np.ndarray | None, log_every_s: float) -> np.ndarray:
+    """Decode every path once, in parallel, into ``out`` (if given); returns which rows decoded.
+
+    Rows are decoded out of order (``deterministic=False``) and tagged with their row number, so
+    one slow file does not hold up the rest; failures are dropped by ``ignore_errors``.
     """
-    paths = list(paths)
-    if not paths:
-        return {}
-
     decoded = (
         tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=str))
         .enumerate()
-        # The image is returned, not just dropped: an unused decode would be optimised away.
-        .map(lambda index, path: (index, decode_image(path, image_size)), num_parallel_calls=AUTOTUNE,
+        # The image is returned even when not kept: an unused decode would be optimised away.
+        .map(lambda row, path: (row, decode_image(path, image_size)), num_parallel_calls=AUTOTUNE,
              deterministic=False)
         .ignore_errors()
-        .batch(256)
+        .batch(64)
         .prefetch(2)
     )
     readable = np.zeros(len(paths), dtype=bool)
     start = last_log = time.perf_counter()
-    for indices, _ in decoded:
-        readable[indices.numpy()] = True
+    for rows, images in decoded:
+        rows = rows.numpy()
+        readable[rows] = True
+        if out is not None:
+            out[rows] = images.numpy()
         now = time.perf_counter()
         if now - last_log >= log_every_s:
-            logger.info("checked %d of %d images (%.0f images/s)", readable.sum(), len(paths),
+            logger.info("decoded %d of %d images (%.0f images/s)", readable.sum(), len(paths),
                         readable.sum() / (now - start))
             last_log = now
-    reasons = {paths[i]: _why_unreadable(paths[i], image_size) for i in np.flatnonzero(~readable)}
-    unreadable = {path: reason for path, reason in reasons.items() if reason is not None}
-    logger.info("checked %d images in %.1f s: %d cannot be decoded", len(paths), time.perf_counter() - start,
-                len(unreadable))
-    return unreadable
+    return readable
+
+
+def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory",
+                  log_every_s: float = 10.0) -> DecodedImages:
+    """Decode every file once, as training will, keeping the images as ``keep`` says.
+
+    ``keep``: "memory" (one uint8 array), "none" (only check: nothing is kept or written) or a
+    directory, where the images go to a memory-mapped ``.npy`` file (for data larger than RAM)
+    that a later call with the same files and size reuses instead of decoding. Only the rows that
+    failed are decoded again, one by one, to say why (``unreadable``). Progress is logged every
+    ``log_every_s`` seconds, since a large dataset takes minutes.
+    """
+    paths = list(paths)
+    start = time.perf_counter()
+    shape = (len(paths), image_size, image_size, 1)
+    images, readable = None, None
+    if keep not in ("memory", "none"):
+        os.makedirs(keep, exist_ok=True)
+        stem = os.path.join(keep, _images_cache_name(paths, image_size))
+        if os.path.isfile(stem + ".npy") and os.path.isfile(stem + ".readable.npy"):
+            images, readable = np.load(stem + ".npy", mmap_mode="r"), np.load(stem + ".readable.npy")
+            logger.info("reusing the decoded images in %s.npy", stem)
+        else:
+            partial = stem + ".partial.npy"
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            readable = _decode_pass(paths, image_size, out, log_every_s)
+            out.flush()
+            del out
+            np.save(stem + ".readable.npy", readable)
+            os.replace(partial, stem + ".npy")  # complete only once both files are there
+            images = np.load(stem + ".npy", mmap_mode="r")
+    elif keep == "memory":
+        images = np.empty(shape, dtype=np.uint8)
+        readable = _decode_pass(paths, image_size, images, log_every_s)
+    else:
+        readable = _decode_pass(paths, image_size, None, log_every_s)
+    unreadable = {}
+    for row in np.flatnonzero(~readable):
+        reason = _why_unreadable(paths[row], image_size)
+        if reason is not None:
+            unreadable[paths[row]] = reason
+        elif images is not None:  # failed in the pass but decodes now (a flaky network drive?)
+            if not images.flags.writeable:  # a cache file, opened read-only so a shared one can be read
+                images = np.load(images.filename, mmap_mode="r+")
+            images[row] = decode_image(tf.constant(paths[row]), image_size).numpy()
+    seconds = time.perf_counter() - start
+    logger.info("decoded %d images in %.1f s: %d cannot be decoded", len(paths), seconds, len(unreadable))
+    return DecodedImages(tuple(paths), images, unreadable, seconds)
+
+
+def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 10.0) -> dict[str, str]:
+    """``{path: reason}`` for each file that does not decode; the images themselves are not kept."""
+    return decode_images(paths, image_size, "none", log_every_s).unreadable
 
 
 def _cache(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
@@ -235,146 +340,188 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, settings: PipelineSettings
     def chosen(probability: float, op_seed: tf.Tensor) -> tf.Tensor:
         return tf.random.stateless_uniform([batch], op_seed) < probability
 
-    flip_h = chosen(settings.flip_prob, flip_h_seed)[:, None, None, None]
-    images = tf.where(flip_h, tf.reverse(images, axis=[2]), images)
-    flip_v = chosen(settings.flip_prob, flip_v_seed)[:, None, None, None]
-    images = tf.where(flip_v, tf.reverse(images, axis=[1]), images)
+    # Flips work on [B, H, W]: reversing a trailing axis of size 1 is several times slower in TF.
+    # Horizontal: only the chosen images are reversed. Vertical: one gather of whole rows, in
+    # reverse order for the chosen images, instead of a reversed copy of the batch and a select.
+    grey = images[..., 0]
+    flip_h = tf.where(chosen(settings.flip_prob, flip_h_seed))
+    grey = tf.tensor_scatter_nd_update(grey, flip_h, tf.reverse(tf.gather_nd(grey, flip_h), axis=[2]))
+    height = tf.shape(grey)[1]
+    row_order = tf.where(chosen(settings.flip_prob, flip_v_seed)[:, None], tf.range(height - 1, -1, -1),
+                         tf.range(height))
+    images = tf.gather(grey, row_order, axis=1, batch_dims=1)[..., None]
 
+    # Only the images chosen for rotation are transformed: at p = 0.3 that is a third of the work of
+    # transforming the whole batch with angle 0 for the others.
     max_radians = settings.rotation_degrees * math.pi / 180.0
     angles = tf.random.stateless_uniform([batch], angle_seed, -max_radians, max_radians)
-    angles *= tf.cast(chosen(settings.rotation_prob, rotate_seed), tf.float32)
+    rotated = tf.where(chosen(settings.rotation_prob, rotate_seed))
     size = settings.image_size
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=rotation_transforms(angles, size, size),
+    turned = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.gather_nd(images, rotated),
+        transforms=rotation_transforms(tf.gather_nd(angles, rotated), size, size),
         output_shape=[size, size],
         fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )
+    return tf.tensor_scatter_nd_update(images, rotated, turned)
+
+
+class _FrameImages:
+    """The uint8 images of an index frame's rows, by row position.
+
+    With a cache they are gathered from the ``DecodedImages`` attached by ``fill_caches`` (a NumPy
+    array or memory map, read through ``numpy_function``); with ``cache="none"`` each batch's
+    files are decoded again.
+    """
+
+    def __init__(self, frame: pd.DataFrame, settings: PipelineSettings):
+        self.paths = frame["path"].to_numpy(dtype=str)
+        self.image_size = settings.image_size
+        self.cached = settings.cache != "none"
+        self.decoded: DecodedImages | None = None
+        self._rows: np.ndarray | None = None  # frame position -> row of self.decoded.images
+
+    def attach(self, decoded: DecodedImages) -> None:
+        unreadable = sorted(set(self.paths) & set(decoded.unreadable))
+        if unreadable:
+            raise ValueError(f"{len(unreadable)} image file(s) cannot be decoded, e.g. {unreadable[0]}: "
+                             f"{decoded.unreadable[unreadable[0]]}")
+        self._rows = decoded.rows(self.paths)
+        self.decoded = decoded
+
+    def _gather(self, positions: np.ndarray) -> np.ndarray:
+        if self.decoded is None:
+            raise RuntimeError("The images are not decoded yet: call fill_caches(datasets) first.")
+        return self.decoded.images[self._rows[positions]]
+
+    def take(self, positions: tf.Tensor) -> tf.Tensor:
+        """``uint8 [n, size, size, 1]``: the images of frame rows ``positions``."""
+        size = self.image_size
+        if self.cached:
+            images = tf.numpy_function(self._gather, [positions], tf.uint8, stateful=False)
+        else:
+            images = tf.map_fn(lambda path: decode_image(path, size), tf.gather(self.paths, positions),
+                               fn_output_signature=tf.uint8)
+        return tf.ensure_shape(images, [None, size, size, 1])
+
+
+def _balanced_draw(rng: np.random.Generator, groups: list[np.ndarray], draws: int) -> np.ndarray:
+    """``draws`` rows, each from a class picked with equal probability (PyTorch's WeightedRandomSampler
+    with reciprocal-count weights), except that within a class rows are drawn without replacement
+    until all were seen (a new permutation each time the class runs out)."""
+    classes = rng.integers(0, len(groups), draws)
+    drawn = np.empty(draws, dtype=np.int64)
+    for label, members in enumerate(groups):
+        slots = np.flatnonzero(classes == label)
+        rounds = max(1, -(-len(slots) // len(members)))
+        drawn[slots] = np.concatenate([rng.permutation(members) for _ in range(rounds)])[: len(slots)]
+    return drawn
 
 
 @dataclasses.dataclass
 class Datasets:
-    """The batched datasets for fit and evaluation, plus the caches to fill before training."""
+    """The batched datasets for fit and evaluation, over images decoded once (``fill_caches``)."""
 
-    train: tf.data.Dataset  # augmented, sampled, one epoch per iteration (a new draw each time)
     evaluation: dict[str, tf.data.Dataset]  # split -> unaugmented batches in index order
     steps_per_epoch: int
-    cached_sources: list[tf.data.Dataset]  # iterating each once fills every cache
-    _one_epoch: Callable[[int, bool], tf.data.Dataset]  # (seed, rerandomize) -> one epoch's batches
-    _seed: int
+    images: _FrameImages
+    _draw: Callable[[np.random.Generator], np.ndarray]  # one epoch's frame positions, in order
+    _batches: Callable[[tf.data.Dataset], tf.data.Dataset]  # (padded positions, seed) -> augmented batches
+    _settings: PipelineSettings
 
     def epochs(self, first: int, stop: int) -> tf.data.Dataset:
         """Epochs ``first`` to ``stop - 1`` (0-based) back to back, for ``fit(steps_per_epoch=...)``.
 
-        Epoch ``e`` is drawn with a seed made of the pipeline seed and ``e`` alone, so it is the
-        same batches whenever it is built: training resumed at epoch ``e`` continues exactly as
-        the uninterrupted run would have.
+        Epoch ``e``'s rows and per-batch augmentation seeds are drawn in NumPy from a seed made of
+        the pipeline seed and ``e`` alone, so it is the same batches whenever it is built: training
+        resumed at epoch ``e`` continues exactly as the uninterrupted run would have. Decodes the
+        images first if ``fill_caches`` has not.
         """
         if not 0 <= first < stop:
             raise ValueError(f"No epochs from {first} to {stop}.")
-        seeds = (np.random.SeedSequence([self._seed, epoch]).generate_state(1)[0] for epoch in range(first, stop))
-        epochs = [self._one_epoch(int(seed), False) for seed in seeds]
-        return functools.reduce(tf.data.Dataset.concatenate, epochs).prefetch(AUTOTUNE)
-
-
-def _one_hot(num_classes: int):
-    return lambda images, labels: (images, tf.one_hot(labels, num_classes))
+        if self.images.cached and self.images.decoded is None:
+            fill_caches(self)
+        batch_size, steps = self._settings.batch_size, self.steps_per_epoch
+        positions, seeds = [], []
+        for epoch in range(first, stop):
+            rng = np.random.default_rng(np.random.SeedSequence([self._settings.seed, epoch]))
+            drawn = self._draw(rng)
+            padded = np.full(steps * batch_size, -1, dtype=np.int64)  # -1: past the end of the last batch
+            padded[: len(drawn)] = drawn
+            positions.append(padded.reshape(steps, batch_size))
+            seeds.append(rng.integers(0, np.iinfo(np.int64).max, size=(steps, 2)))
+        rows = tf.data.Dataset.from_tensor_slices((np.concatenate(positions), np.concatenate(seeds)))
+        return self._batches(rows).prefetch(AUTOTUNE)
 
 
 def build_datasets(frame: pd.DataFrame, num_classes: int, settings: PipelineSettings) -> Datasets:
-    """Build train and evaluation datasets from an index frame (columns path, label_index, split)."""
-    train_frame = frame[frame["split"] == "train"]
-    if train_frame.empty:
+    """Build train and evaluation datasets from an index frame (columns path, label_index, split).
+
+    Nothing is decoded here: ``fill_caches`` attaches the images (decoding them if needed).
+    """
+    frame = frame.reset_index(drop=True)
+    train = np.flatnonzero((frame["split"] == "train").to_numpy())
+    if not len(train):
         raise ValueError("No training images: the index has no rows with split 'train'.")
-    to_one_hot = _one_hot(num_classes)
+    labels = frame["label_index"].to_numpy(dtype=np.int64)
+    images = _FrameImages(frame, settings)
 
     if settings.sampler == "balanced":
-        # One cached stream per class, each reshuffled and repeated; every draw picks a class with
-        # equal probability (PyTorch's WeightedRandomSampler with reciprocal-count weights, except
-        # that within a class images are drawn without replacement until all were seen).
-        groups = [group for _, group in train_frame.groupby("label_index", sort=True)]
-        per_class = [
-            decoded_dataset(group, settings.image_size, settings.cache, f"train_class{label}")
-            for label, group in zip(sorted(train_frame["label_index"].unique()), groups)
-        ]
+        groups = [train[labels[train] == label] for label in np.unique(labels[train])]
 
-        def sample(seed: int, rerandomize: bool) -> tf.data.Dataset:
-            # Within an epoch a class stream that runs out is reshuffled, whatever ``rerandomize``.
-            streams = [
-                source.shuffle(len(group), seed=seed + i, reshuffle_each_iteration=True).repeat()
-                for i, (source, group) in enumerate(zip(per_class, groups))
-            ]
-            return tf.data.Dataset.sample_from_datasets(
-                streams,
-                weights=[1.0 / len(streams)] * len(streams),
-                seed=seed,
-                rerandomize_each_iteration=rerandomize,
-            ).take(len(train_frame))
-
-        cached_sources = per_class
-        train_eval_source = per_class[0]
-        for source in per_class[1:]:
-            train_eval_source = train_eval_source.concatenate(source)
+        def draw(rng: np.random.Generator) -> np.ndarray:
+            return _balanced_draw(rng, groups, len(train))
     elif settings.sampler == "none":
-        train_source = decoded_dataset(train_frame, settings.image_size, settings.cache, "train")
-
-        def sample(seed: int, rerandomize: bool) -> tf.data.Dataset:
-            return train_source.shuffle(len(train_frame), seed=seed, reshuffle_each_iteration=rerandomize)
-
-        cached_sources = [train_source]
-        train_eval_source = train_source
+        def draw(rng: np.random.Generator) -> np.ndarray:
+            return rng.permutation(train)
     else:
         raise ValueError(f"--sampler={settings.sampler!r} is not one of balanced, none.")
 
-    def one_epoch(seed: int, rerandomize: bool) -> tf.data.Dataset:
-        """One epoch's augmented batches drawn with ``seed``; ``rerandomize``: a new draw per iteration."""
-        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=rerandomize).map(
-            lambda s: tf.stack([s, tf.constant(0, tf.int64)])
-        )
-        return (
-            tf.data.Dataset.zip((sample(seed, rerandomize).batch(settings.batch_size), batch_seeds))
-            .map(
-                lambda batch, seed: (augment_batch(batch[0], seed, settings), batch[1]),
-                num_parallel_calls=AUTOTUNE,
-            )
-            .map(to_one_hot)
-        )
+    def labelled(positions: tf.Tensor, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return pixels, tf.one_hot(tf.gather(labels, positions), num_classes)
 
-    evaluation = {"train": train_eval_source.batch(settings.batch_size).map(to_one_hot).prefetch(AUTOTUNE)}
-    for split in ("val", "test"):
-        split_frame = frame[frame["split"] == split]
-        if len(split_frame):
-            source = decoded_dataset(split_frame, settings.image_size, settings.cache, split)
-            cached_sources.append(source)
-            evaluation[split] = source.batch(settings.batch_size).map(to_one_hot).prefetch(AUTOTUNE)
+    def augmented(padded: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        positions = padded[padded >= 0]
+        return labelled(positions, augment_batch(images.take(positions), seed, settings))
+
+    def batches(rows: tf.data.Dataset) -> tf.data.Dataset:
+        # Deterministic order: batch i of the output is always row i of the input.
+        return rows.map(augmented, num_parallel_calls=AUTOTUNE)
+
+    evaluation = {}
+    for split in ("train", "val", "test"):
+        positions = np.flatnonzero((frame["split"] == split).to_numpy())
+        if len(positions):
+            evaluation[split] = (
+                tf.data.Dataset.from_tensor_slices(positions)
+                .batch(settings.batch_size)
+                .map(lambda batch: labelled(batch, images.take(batch)), num_parallel_calls=AUTOTUNE)
+                .prefetch(AUTOTUNE)
+            )
 
     return Datasets(
-        train=one_epoch(settings.seed, True).prefetch(AUTOTUNE),
         evaluation=evaluation,
-        steps_per_epoch=math.ceil(len(train_frame) / settings.batch_size),
-        cached_sources=cached_sources,
-        _one_epoch=one_epoch,
-        _seed=settings.seed,
+        steps_per_epoch=math.ceil(len(train) / settings.batch_size),
+        images=images,
+        _draw=draw,
+        _batches=batches,
+        _settings=settings,
     )
 
 
-def fill_caches(datasets: Datasets, log_every_s: float = 10.0) -> float:
-    """Decode every image once so that each cache is complete before training; returns seconds.
+def fill_caches(datasets: Datasets, decoded: DecodedImages | None = None, log_every_s: float = 10.0) -> float:
+    """Give ``datasets`` their decoded images; returns the seconds that decoding took.
 
-    Filling the caches up front makes the first epoch as fast as the others and keeps tf.data from
-    discarding caches that a class-balanced epoch reads only partly.
+    ``decoded``: the images of ``decode_images`` (training's pre-run check), so nothing is decoded
+    twice; when it is None or kept no images, every image of ``datasets`` is decoded here, into
+    the cache that the settings name. Nothing to do with ``cache="none"``: batches decode their files.
     """
-    start = last_log = time.perf_counter()
-    total = 0
-    for source in datasets.cached_sources:
-        for images, _ in source.batch(256).prefetch(2):
-            total += int(images.shape[0])
-            now = time.perf_counter()
-            if now - last_log >= log_every_s:
-                logger.info("decoded %d images (%.0f images/s)", total, total / (now - start))
-                last_log = now
-    elapsed = time.perf_counter() - start
-    logger.info("decoded and cached %d images in %.1f s", total, elapsed)
-    return elapsed
+    if not datasets.images.cached:
+        return decoded.seconds if decoded is not None else 0.0
+    if decoded is None or decoded.images is None:
+        paths = list(dict.fromkeys(datasets.images.paths))
+        decoded = decode_images(paths, datasets._settings.image_size, datasets._settings.cache, log_every_s)
+    datasets.images.attach(decoded)
+    return decoded.seconds

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
     config = config_from_flags()
     try:
         if FLAGS.check_data:  # problems that stop training raise; skipped images are listed
-            prepared = training.prepare_data(config)
+            prepared = training.prepare_data(config, keep_images=False)  # a check keeps nothing
             print(training.check_report(prepared, config.task))
             sys.exit(1 if prepared.skipped else 0)
         run_dir = training.run(config)

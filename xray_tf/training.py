@@ -234,13 +234,16 @@ class PreparedData:
     synthetic: bool  # no --data_dir: the generated stand-in
     index: data.DataIndex  # without the skipped images
     skipped: dict[str, str]  # path -> why it cannot be decoded (--on_bad_image=skip)
+    decoded: pipeline.DecodedImages  # every indexed image, decoded once; the cache training reads
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
+def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
     """Validate ``config``, index the dataset and decode every image once, as ``--on_bad_image`` says.
 
     This is all of ``--check_data`` and the start of every run: every problem with the metadata or
-    the image files is raised as one DataError before anything is trained or written.
+    the image files is raised as one DataError before anything is trained or written. The decoded
+    images are kept where ``--cache`` says (unless ``keep_images`` is False or ``--cache=none``),
+    so that training reads them instead of decoding every file a second time.
     """
     config.validate()
     synthetic_data = config.data_dir is None
@@ -250,7 +253,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, config.extra_data)
     logger.info("Data index of %s, task %s:\n%s", data_dir, config.task, index.summary())
 
-    unreadable = pipeline.find_unreadable(index.frame["path"], config.image_size)
+    decoded = pipeline.decode_images(index.frame["path"], config.image_size, config.cache if keep_images else "none")
+    unreadable = decoded.unreadable
     if unreadable:
         listing = _list_files(unreadable)
         if config.on_bad_image == "error":
@@ -259,7 +263,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         logger.warning("Skipping %d image file(s) that cannot be decoded (--on_bad_image=skip):\n%s",
                        len(unreadable), listing)
         index = index.without(unreadable, _SKIPPED)
-    return PreparedData(data_dir, synthetic_data, index, unreadable)
+    return PreparedData(data_dir, synthetic_data, index, unreadable, decoded)
 
 
 def _list_files(reasons: dict[str, str]) -> str:
@@ -354,7 +358,7 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
     if prepared.skipped:
         artifacts.write_text_atomic(os.path.join(run_dir, SKIPPED_IMAGES_CSV), _skipped_csv(prepared.skipped))
 
-    decode_seconds = pipeline.fill_caches(datasets) if config.cache != "none" else 0.0
+    decode_seconds = pipeline.fill_caches(datasets, prepared.decoded)  # the images prepare_data decoded
 
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),

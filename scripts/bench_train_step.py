@@ -3,8 +3,9 @@
 Both sides train the same network shape (Keras' ResNet50 v1 or DenseNet121 with a 4-way softmax
 head) from uint8 grey images: cast, repeat to 3 channels, normalise, forward, cross-entropy,
 backward, Adam step. Inputs are random and resident in memory, so the input pipeline is out of the
-measurement. The two sides alternate (Keras, PyTorch, Keras, ...) and the script prints the median
-images/s of each and their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
+measurement. Each side is built and compiled once; then timed windows of ``--steps`` steps
+alternate (Keras, PyTorch, Keras, ...) and the script prints the median images/s of each and
+their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
 run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16``.
 
     python scripts/bench_train_step.py --model=resnet50 --image_size=96 --batch_size=16 --steps=5
@@ -15,12 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 
-def keras_images_per_second(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> float:
-    """Images/s over ``--steps`` timed train steps, after two warm-up steps that compile."""
+def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
+    """Build and compile the Keras side once (two warm-up steps compile it); return its timer."""
     import keras
 
     from xray_tf import models
@@ -30,13 +32,31 @@ def keras_images_per_second(args: argparse.Namespace, images: np.ndarray, labels
     model = models.build_model(args.model, 4, args.image_size, weights="none")
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(),
                   jit_compile=args.jit_compile)
-    for _ in range(2):
-        model.train_on_batch(images, labels)
+
+    def step():
+        return model.train_on_batch(images, labels)
+
+    return _timer("Keras", args, len(images), step, lambda loss: float(np.asarray(loss)))
+
+
+def _timer(side: str, args: argparse.Namespace, batch_size: int, step: Callable, wait: Callable) -> Callable[[], float]:
+    """Run two warm-up steps now; the returned function times ``--steps`` more and gives images/s.
+
+    ``wait(result)`` blocks until the device has finished the step that produced ``result``.
+    """
     start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = model.train_on_batch(images, labels)
-    float(np.asarray(loss))  # wait for the device
-    return args.steps * len(images) / (time.perf_counter() - start)
+    for _ in range(2):
+        wait(step())
+    print(f"  {side} warm-up, 2 steps (compilation included): {time.perf_counter() - start:.1f} s", flush=True)
+
+    def images_per_second() -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            result = step()
+        wait(result)
+        return args.steps * batch_size / (time.perf_counter() - start)
+
+    return images_per_second
 
 
 def torch_model(name: str):
@@ -87,7 +107,8 @@ def torch_model(name: str):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 4))
 
 
-def torch_images_per_second(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> float:
+def torch_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
+    """Build the PyTorch side once (eager, channels-last, bf16 autocast if asked); return its timer."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,13 +129,7 @@ def torch_images_per_second(args: argparse.Namespace, images: np.ndarray, labels
         optimizer.step()
         return loss
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss.item()  # wait for the device
-    return args.steps * len(images) / (time.perf_counter() - start)
+    return _timer("PyTorch", args, len(images), step, lambda loss: loss.item())
 
 
 def main() -> None:
@@ -135,10 +150,11 @@ def main() -> None:
     labels = rng.integers(0, 4, args.batch_size).astype(np.int32)
     print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
           f"Keras backend {keras.backend.backend()}, {args.steps} steps x {args.repeats} alternating repeats", flush=True)
+    time_keras, time_torch = keras_trainer(args, images, labels), torch_trainer(args, images, labels)
     ours, theirs = [], []
     for repeat in range(args.repeats):
-        ours.append(keras_images_per_second(args, images, labels))
-        theirs.append(torch_images_per_second(args, images, labels))
+        ours.append(time_keras())
+        theirs.append(time_torch())
         print(f"  repeat {repeat + 1}: Keras {ours[-1]:.1f} img/s, PyTorch {theirs[-1]:.1f} img/s", flush=True)
     keras_rate, torch_rate = statistics.median(ours), statistics.median(theirs)
     print(f"| {args.model} | {args.image_size} | {args.batch_size} | {args.precision} | {keras.backend.backend()} "

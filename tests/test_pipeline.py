@@ -64,7 +64,10 @@ def test_shapes_dtypes_and_step_count(index):
     assert np.allclose(labels.numpy().sum(axis=1), 1)
     n_train = len(index.split("train"))
     assert datasets.steps_per_epoch == math.ceil(n_train / 8)
-    assert sum(len(batch[1]) for batch in epoch(datasets)) == n_train
+    assert n_train % 8, "the fixture should leave a partial last batch to round up"
+    # Every batch full, the last one too: one train-step shape to compile, divisible across replicas.
+    assert [len(batch[1]) for batch in epoch(datasets)] == [8] * datasets.steps_per_epoch
+    assert datasets.images_per_epoch == 8 * datasets.steps_per_epoch
     assert set(datasets.evaluation) == {"train", "val", "test"}
 
 
@@ -79,9 +82,40 @@ def test_balanced_sampler_draws_classes_uniformly(index):
 
 
 def test_sampler_none_sees_each_training_image_once_per_epoch(index):
-    datasets = pipeline.build_datasets(index.frame, 4, small_settings(sampler="none"))
-    labels = np.concatenate([batch[1].argmax(1) for batch in epoch(datasets)])
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings(sampler="none", flip_prob=0.0,
+                                                                      rotation_prob=0.0))
+    batches = epoch(datasets)
+    images = np.concatenate([batch[0] for batch in batches])
+    n_train = len(index.split("train"))
+    # The permutation first, then its first images again to fill the last batch.
+    assert np.array_equal(images[n_train:], images[: len(images) - n_train])
+    labels = np.concatenate([batch[1].argmax(1) for batch in batches])[:n_train]
     assert np.bincount(labels, minlength=4).tolist() == list(index.class_counts("train").values())
+
+
+def test_worker_shares_and_replica_pieces_put_together_are_the_global_batches(index):
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings())
+    whole = epoch(datasets)
+    shares = [[(i.numpy(), l.numpy()) for i, l in datasets.epochs(0, 1, worker, workers=2)] for worker in (0, 1)]
+    pieces = [(i.numpy(), l.numpy()) for i, l in datasets.epochs(0, 1, pieces=4)]
+    assert len(pieces) == 4 * len(whole) and all(len(p[0]) == 2 for p in pieces)
+    for step, (images, labels) in enumerate(whole):
+        assert np.array_equal(np.concatenate([shares[0][step][0], shares[1][step][0]]), images)
+        assert np.array_equal(np.concatenate([shares[0][step][1], shares[1][step][1]]), labels)
+        assert np.array_equal(np.concatenate([p[0] for p in pieces[4 * step:4 * step + 4]]), images)
+    with pytest.raises(ValueError, match="does not split evenly over 3 replicas"):
+        datasets.epochs(0, 1, pieces=3)
+
+
+def test_evaluation_shares_drop_only_the_remainder_of_the_last_batch(index):
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings())
+    pipeline.fill_caches(datasets)
+    whole = np.concatenate([images for images, _ in datasets.evaluation["val"].as_numpy_iterator()])
+    # 4 replicas on 2 workers: full batches of 8 stay whole, the last is cut to a multiple of 4.
+    shares = [[i for i, _ in datasets.evaluation_share("val", worker, 2, 4).as_numpy_iterator()] for worker in (0, 1)]
+    assert len(whole) % 4, "the fixture should leave a remainder to drop"
+    kept = len(whole) // 4 * 4
+    assert np.array_equal(np.concatenate([np.concatenate(pair) for pair in zip(*shares)]), whole[:kept])
 
 
 def test_same_seed_same_batches_other_seed_other_batches(index):

@@ -108,15 +108,20 @@ def test_a_second_run_with_the_same_name_gets_its_own_directory(synthetic_run):
     assert before == {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
 
 
-def test_jax_backend_runs_the_same_cli(tiny_dataset, tmp_path):
+def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset, tmp_path):
+    """The JAX backend end to end, through keras.distribution.DataParallel over 2 CPU devices (one
+    run covers both, to keep the suite short; single-device JAX training is in test_reliability)."""
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
-    result = run_module("xray_tf.train", *TINY_RUN, f"--data_dir={tiny_dataset}",
-                        f"--output_dir={tmp_path}", "--run_name=jax", env={"KERAS_BACKEND": "jax"})
+    result = run_module("xray_tf.train", *TINY_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}",
+                        "--run_name=jax", "--distribution=mirrored",
+                        env={"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Using JAX backend" in result.stderr + result.stdout or "jax" in result.stderr.lower()
+    assert "distribution mirrored (jax backend): 2 replica(s)" in result.stderr
+    assert "global batch 16 = 2 x 8 per replica" in result.stderr
     run_dir = tmp_path / "jax"
     assert ARTIFACTS <= set(os.listdir(run_dir))
     assert len(read_history(str(run_dir))) == 2
+    assert json.load(open(run_dir / "metrics.json"))["distribution"]["replicas"] == 2
 
 
 def test_short_run_on_real_coronahack(tmp_path):

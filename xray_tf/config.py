@@ -18,6 +18,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
 ON_BAD_IMAGE = ("error", "skip")
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")  # see xray_tf.distribution
 MIN_IMAGE_SIZE = 32  # the smallest input Keras' ResNet50 and DenseNet121 accept
 
 
@@ -53,6 +54,9 @@ class TrainConfig:
     epochs: int = 20
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
+    # Several devices or hosts
+    distribution: str = "none"
+    scale_lr_with_batch: bool = False
     # Output
     output_dir: str = "saved_models"
     run_name: str | None = None
@@ -69,6 +73,7 @@ class TrainConfig:
             "mixed_precision": MIXED_PRECISION,
             "jit_compile": JIT_COMPILE,
             "on_bad_image": ON_BAD_IMAGE,
+            "distribution": DISTRIBUTIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -26,7 +26,6 @@ import keras
 import numpy as np
 import pandas as pd
 from absl import app, flags
-from keras import ops
 
 from xray_tf import artifacts, data, metrics, models, pipeline, plots, reports
 from xray_tf.config import TrainConfig
@@ -70,11 +69,8 @@ def _load_model(run_dir: str, image_size: int) -> keras.Model:
 def _predict(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int) -> np.ndarray:
     """Class probabilities ``[len(frame), k]`` for the frame's images, in row order, unaugmented."""
     dataset = pipeline.decoded_dataset(frame, image_size, cache="none", tag="evaluate")
-    probabilities = [
-        ops.convert_to_numpy(model.predict_on_batch(images)).astype(np.float64)
-        for images, _ in dataset.batch(batch_size).prefetch(2).as_numpy_iterator()  # NumPy feeds every backend
-    ]
-    return np.concatenate(probabilities) if probabilities else np.zeros((0, model.output_shape[-1]))
+    batches = (images for images, _ in dataset.batch(batch_size).prefetch(2).as_numpy_iterator())
+    return models.predict_batches(model, batches, batch_size).astype(np.float64)  # NumPy feeds every backend
 
 
 def evaluate_run(run_dir: str, split: str = "test", data_dir: str | None = None, batch_size: int = 32) -> dict:

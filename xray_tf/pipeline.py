@@ -427,17 +427,29 @@ class Datasets:
     evaluation: dict[str, tf.data.Dataset]  # split -> unaugmented batches in index order
     steps_per_epoch: int
     images: _FrameImages
-    _draw: Callable[[np.random.Generator], np.ndarray]  # one epoch's frame positions, in order
-    _batches: Callable[[tf.data.Dataset], tf.data.Dataset]  # (padded positions, seed) -> augmented batches
+    _draw: Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> one epoch's n frame positions
+    _batches: Callable[[tf.data.Dataset], tf.data.Dataset]  # (positions, seed) -> augmented batches
     _settings: PipelineSettings
 
-    def epochs(self, first: int, stop: int) -> tf.data.Dataset:
+    @property
+    def images_per_epoch(self) -> int:
+        """Every training batch is full (one compiled train step; divisible across replicas), so an
+        epoch is ``steps_per_epoch * batch_size`` draws: the train split rounded up to whole batches."""
+        return self.steps_per_epoch * self._settings.batch_size
+
+    def epochs(self, first: int, stop: int, worker: int = 0, workers: int = 1, pieces: int = 1) -> tf.data.Dataset:
         """Epochs ``first`` to ``stop - 1`` (0-based) back to back, for ``fit(steps_per_epoch=...)``.
 
         Epoch ``e``'s rows and per-batch augmentation seeds are drawn in NumPy from a seed made of
         the pipeline seed and ``e`` alone, so it is the same batches whenever it is built: training
         resumed at epoch ``e`` continues exactly as the uninterrupted run would have. Decodes the
         images first if ``fill_caches`` has not.
+
+        For data-parallel training (``distribution``), ``worker`` of ``workers`` keeps its
+        contiguous share of every global batch, cut into ``pieces`` consecutive elements (one per
+        replica, for ``tf.distribute``). Every worker assembles and augments the whole global batch and keeps its
+        share, so each image gets the same pixels whatever the number of replicas, and the replicas
+        together train on exactly the batches one device would see.
         """
         if not 0 <= first < stop:
             raise ValueError(f"No epochs from {first} to {stop}.")
@@ -447,13 +459,33 @@ class Datasets:
         positions, seeds = [], []
         for epoch in range(first, stop):
             rng = np.random.default_rng(np.random.SeedSequence([self._settings.seed, epoch]))
-            drawn = self._draw(rng)
-            padded = np.full(steps * batch_size, -1, dtype=np.int64)  # -1: past the end of the last batch
-            padded[: len(drawn)] = drawn
-            positions.append(padded.reshape(steps, batch_size))
+            positions.append(self._draw(rng, self.images_per_epoch).reshape(steps, batch_size))
             seeds.append(rng.integers(0, np.iinfo(np.int64).max, size=(steps, 2)))
         rows = tf.data.Dataset.from_tensor_slices((np.concatenate(positions), np.concatenate(seeds)))
-        return self._batches(rows).prefetch(AUTOTUNE)
+        batches = self._batches(rows)
+        if workers > 1 or pieces > 1:
+            if batch_size % (workers * pieces):
+                raise ValueError(f"--batch_size={batch_size} does not split evenly over {workers * pieces} replicas.")
+            share = batch_size // workers
+
+            def keep_share(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                start = worker * share
+                return (tf.reshape(images[start:start + share], [pieces, share // pieces, *images.shape[1:]]),
+                        tf.reshape(labels[start:start + share], [pieces, share // pieces, labels.shape[-1]]))
+
+            batches = batches.map(keep_share).unbatch()
+        return batches.prefetch(AUTOTUNE)
+
+    def evaluation_share(self, split: str, worker: int = 0, workers: int = 1, multiple: int = 1) -> tf.data.Dataset:
+        """``evaluation[split]`` for data-parallel evaluation: each batch cut to a multiple of
+        ``multiple`` images (the replica count; only the last batch can be shorter, and it loses at
+        most ``multiple - 1`` images), of which ``worker`` of ``workers`` keeps its contiguous share."""
+
+        def keep_share(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            share = tf.shape(images)[0] // multiple * multiple // workers
+            return images[worker * share:(worker + 1) * share], labels[worker * share:(worker + 1) * share]
+
+        return self.evaluation[split].map(keep_share).filter(lambda images, _: tf.shape(images)[0] > 0)
 
 
 def build_datasets(frame: pd.DataFrame, num_classes: int, settings: PipelineSettings) -> Datasets:
@@ -471,19 +503,19 @@ def build_datasets(frame: pd.DataFrame, num_classes: int, settings: PipelineSett
     if settings.sampler == "balanced":
         groups = [train[labels[train] == label] for label in np.unique(labels[train])]
 
-        def draw(rng: np.random.Generator) -> np.ndarray:
-            return _balanced_draw(rng, groups, len(train))
+        def draw(rng: np.random.Generator, draws: int) -> np.ndarray:
+            return _balanced_draw(rng, groups, draws)
     elif settings.sampler == "none":
-        def draw(rng: np.random.Generator) -> np.ndarray:
-            return rng.permutation(train)
+        def draw(rng: np.random.Generator, draws: int) -> np.ndarray:
+            # Every training image once, then the first few again to fill the last batch.
+            return np.resize(rng.permutation(train), draws)
     else:
         raise ValueError(f"--sampler={settings.sampler!r} is not one of balanced, none.")
 
     def labelled(positions: tf.Tensor, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return pixels, tf.one_hot(tf.gather(labels, positions), num_classes)
 
-    def augmented(padded: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        positions = padded[padded >= 0]
+    def augmented(positions: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return labelled(positions, augment_batch(images.take(positions), seed, settings))
 
     def batches(rows: tf.data.Dataset) -> tf.data.Dataset:

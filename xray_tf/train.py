@@ -64,6 +64,14 @@ flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, list(config_lib.
                   "auto: mixed_bfloat16 when a GPU is present, float32 otherwise.")
 flags.DEFINE_enum("jit_compile", _DEFAULTS.jit_compile, list(config_lib.JIT_COMPILE),
                   "XLA compilation of the train step (auto: Keras decides; off on CPU-only TensorFlow).")
+# Several devices or hosts
+flags.DEFINE_enum("distribution", _DEFAULTS.distribution, list(config_lib.DISTRIBUTIONS),
+                  "none: one device. mirrored: every GPU of this host (tf.distribute.MirroredStrategy, or "
+                  "keras.distribution.DataParallel on JAX). multi_worker: several hosts, each running this command "
+                  "(TF_CONFIG, or KERAS_DISTRIBUTION_* on JAX); only the chief writes the run directory. "
+                  "--batch_size stays the global batch.")
+flags.DEFINE_bool("scale_lr_with_batch", _DEFAULTS.scale_lr_with_batch, "Multiply --learning_rate by the number "
+                  "of replicas (the linear scaling rule), for runs that also raise --batch_size that many times.")
 # Output
 flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where run directories are created.")
 flags.DEFINE_string("run_name", None, "Name of the run directory (default: model_loss_task_timestamp); "
@@ -95,7 +103,10 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         logging.error("%s", error)
         sys.exit(f"xray_tf.train: error: {error}")
-    print(f"Run directory: {run_dir}")
+    if run_dir is None:
+        print("Training finished on this worker; the chief worker wrote the run directory.")
+    else:
+        print(f"Run directory: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from xray_tf import artifacts, data, losses, metrics, models, pipeline, synthetic
+from xray_tf import artifacts, data, distribution, losses, metrics, models, pipeline, synthetic
 from xray_tf.config import TrainConfig
 from xray_tf.reports import read_flags
 
@@ -44,7 +44,8 @@ SYNTHETIC_WARNING = (
 BACKUP_DIR = "backup"  # inside the run directory; removed when the run has finished
 SKIPPED_IMAGES_CSV = "skipped_images.csv"
 _SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
-_RUN_LOCATION_FLAGS = ("output_dir", "run_name", "resume")  # may differ when a run is resumed
+# May differ when a run is resumed: where it is, and how many devices share its (unchanged) batches.
+_RUN_LOCATION_FLAGS = ("output_dir", "run_name", "resume", "distribution")
 
 
 def step_decay(epoch: int, initial_rate: float, factor: float, every: int) -> float:
@@ -133,8 +134,24 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_loss")
         if value is not None and float(value) < self.best:  # NaN is never less
-            _save_atomic(self.model.save, self.path)
+            with models.portable_batch_norm(self.model), distribution.single_process():  # loadable anywhere
+                _save_atomic(self.model.save, self.path)
             self.best, self.best_epoch = float(value), epoch + 1
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training after an epoch whose mean training loss is NaN or infinite.
+
+    Keras' ``TerminateOnNaN`` reads the loss after every batch, which forces the host to wait for
+    each step and turns off asynchronous dispatch on the JAX backend; on a GPU that cost more time
+    per step than the step itself. A NaN loss makes the epoch's mean NaN, so checking once per
+    epoch catches the same runs, at the price of finishing the (already lost) epoch.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.model.stop_training = True
 
 
 def _backups(backup_dir: str) -> list[str]:
@@ -147,7 +164,7 @@ class EpochBackup(keras.callbacks.Callback):
     Keras' ``BackupAndRestore`` writes its weights file in place and the epoch number into a
     second file, so a kill during the backup can leave a corrupt file or weights of one epoch
     labelled with another. Here one file holds both (the epoch is in its name) and appears by
-    rename, so the newest backup is always complete. An epoch stopped by ``TerminateOnNaN`` is
+    rename, so the newest backup is always complete. An epoch stopped by ``StopOnNonFiniteLoss`` is
     not backed up: resuming starts from the last finite weights.
     """
 
@@ -159,7 +176,9 @@ class EpochBackup(keras.callbacks.Callback):
         if self.model.stop_training:
             return
         os.makedirs(self.backup_dir, exist_ok=True)
-        _save_atomic(self.model.save_weights, os.path.join(self.backup_dir, f"epoch-{epoch + 1:04d}.weights.h5"))
+        with distribution.single_process():  # the chief saves alone
+            _save_atomic(self.model.save_weights,
+                         os.path.join(self.backup_dir, f"epoch-{epoch + 1:04d}.weights.h5"))
         for older in _backups(self.backup_dir)[:-1]:
             os.remove(older)
 
@@ -174,19 +193,22 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
     return int(re.search(r"epoch-(\d+)\.weights\.h5$", backups[-1]).group(1))
 
 
-def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop: int, **fit_args) -> None:
+def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop: int,
+               setup: distribution.Setup = distribution.ONE_DEVICE, **fit_args) -> keras.callbacks.History | None:
     """``model.fit`` on epochs ``first`` to ``stop - 1`` (0-based) of ``datasets``.
 
     Each epoch gets the batches it would get in a run started at epoch 0, so a run resumed at
-    ``first`` continues exactly as the uninterrupted run. ``fit_args`` go to ``model.fit``.
+    ``first`` continues exactly as the uninterrupted run. Under a distribution ``setup`` each
+    worker feeds its share of those same batches. ``fit_args`` go to ``model.fit``.
     """
     if first >= stop:
-        return
-    # Build the compiled loss and metrics on a batch of their own: Keras' JAX trainer otherwise
-    # builds them from a batch it draws out of the training stream, shifting every epoch by one.
-    model.evaluate(datasets.evaluation["train"].take(1), verbose=0)
-    model.fit(datasets.epochs(first, stop), steps_per_epoch=datasets.steps_per_epoch, initial_epoch=first,
-              epochs=stop, shuffle=False, **fit_args)  # shuffle: the tf.data pipeline shuffles and samples
+        return None
+    if keras.backend.backend() == "jax":
+        # Build the compiled loss and metrics on a batch of their own: Keras' JAX trainer otherwise
+        # builds them from a batch it draws out of the training stream, shifting every epoch by one.
+        model.evaluate(setup.evaluation_data(datasets, "train"), steps=1, verbose=0)
+    return model.fit(setup.training_data(datasets, first, stop), steps_per_epoch=datasets.steps_per_epoch,
+                     initial_epoch=first, epochs=stop, shuffle=False, **fit_args)  # the pipeline samples
 
 
 def _dtype_policy(mixed_precision: str) -> str:
@@ -289,29 +311,60 @@ def _skipped_csv(skipped: dict[str, str]) -> str:
     return buffer.getvalue()
 
 
-def evaluate_splits(model: keras.Model, datasets: dict, class_names: tuple[str, ...]) -> dict:
+def evaluate_splits(model: keras.Model, datasets: dict, class_names: tuple[str, ...], batch_size: int) -> dict:
     """``classification_report`` (ROC AUC included) of ``model`` on each split's unaugmented batches."""
     reports = {}
     for split, dataset in datasets.items():
-        true, probabilities = [], []
-        for images, one_hot in dataset.as_numpy_iterator():  # NumPy batches feed every backend
-            probabilities.append(ops.convert_to_numpy(model.predict_on_batch(images)))
-            true.append(np.argmax(np.asarray(one_hot), axis=-1))
-        true, probabilities = np.concatenate(true), np.concatenate(probabilities)
+        true = []
+
+        def images_keeping_labels():
+            for images, one_hot in dataset.as_numpy_iterator():  # NumPy batches feed every backend
+                true.append(np.argmax(one_hot, axis=-1))
+                yield images
+
+        probabilities = models.predict_batches(model, images_keeping_labels(), batch_size)
+        true = np.concatenate(true)
         matrix = metrics.confusion_matrix(true, np.argmax(probabilities, axis=-1), len(class_names))
         reports[split] = metrics.classification_report(matrix, class_names, true, probabilities)
     return reports
 
 
-def run(config: TrainConfig, verbose: int | str = "auto") -> str:
+def run(config: TrainConfig, verbose: int | str = "auto") -> str | None:
     """Train as ``config`` says and return the run directory holding every artifact.
 
     With ``config.resume`` the run directory ``output_dir/run_name`` of an unfinished run is
-    continued after its last backed-up epoch; otherwise a new directory is created.
+    continued after its last backed-up epoch; otherwise a new directory is created. With
+    ``--distribution=multi_worker`` only the chief worker writes that directory; the other workers
+    train their share and return None.
     """
     config.validate()
+    with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
+        trained = _train(config, setup, verbose)
+    # The best model is reloaded outside the distribution: one device evaluates every image.
+    return _finish(config, trained) if trained else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trained:
+    """What ``_train`` leaves the chief for ``_finish``."""
+
+    run_dir: str
+    resumed: bool
+    initial_epoch: int
+    prepared: PreparedData
+    datasets: pipeline.Datasets
+    checkpoint: BestCheckpoint
+    epochs_run: int
+    seconds: dict[str, float]
+    details: dict  # recorded in metrics.json as they are
+
+
+def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -> _Trained | None:
+    """Check the data, build and fit the model on every worker; None on workers other than the chief."""
+    setup.check_batch_size(config.batch_size)
     resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
     prepared = prepare_data(config)
+    logger.info("%s", setup.describe(config.batch_size))
     index = prepared.index
     class_names = index.class_names
     train_counts = list(index.class_counts("train").values())
@@ -320,17 +373,10 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
     class_weight = None
     if config.class_weight == "balanced":
         class_weight = dict(enumerate(losses.balanced_weights(train_counts)))
-
-    previous_policy = keras.config.dtype_policy()
-    policy = _dtype_policy(config.mixed_precision)
-    keras.config.set_dtype_policy(policy)
-    try:
-        keras.utils.set_random_seed(config.seed)
-        model = models.build_model(
-            config.model, len(class_names), config.image_size, config.weights, config.dropout, config.chexnet_weights
-        )
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    learning_rate = config.learning_rate * (setup.replicas if config.scale_lr_with_batch else 1)
+    if config.scale_lr_with_batch:
+        logger.info("--scale_lr_with_batch: learning rate %g x %d replicas = %g", config.learning_rate,
+                    setup.replicas, learning_rate)
 
     settings = pipeline.PipelineSettings(
         image_size=config.image_size,
@@ -346,85 +392,122 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str:
         raise data.DataError(f"{prepared.data_dir}: no validation images, so no epoch can be chosen; every "
                              "class needs at least 2 training images (see --val_fraction).")
 
+    previous_policy = keras.config.dtype_policy()
+    policy = _dtype_policy(config.mixed_precision)
+    keras.config.set_dtype_policy(policy)
+    try:
+        with setup.scope():  # model, optimizer and metric variables belong to the distribution
+            keras.utils.set_random_seed(config.seed)
+            model = models.build_model(config.model, len(class_names), config.image_size, config.weights,
+                                       config.dropout, config.chexnet_weights)
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate),
+                loss=loss,
+                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")]
+                + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
+                jit_compile=_jit_compile(config.jit_compile),
+            )
+            setup.prepare_model(model)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
     if resumed_dir:
         run_dir = resumed_dir
-    else:
+    elif setup.is_chief:
         run_dir = artifacts.create_run_dir(config.output_dir, config.run_name or _default_run_name(config))
         # flags.txt names the directory actually created, so --flagfile=RUN/flags.txt --resume finds it.
         own_flags = dataclasses.replace(config, run_name=os.path.basename(run_dir))
         artifacts.write_text_atomic(os.path.join(run_dir, "flags.txt"), own_flags.to_flagfile())
         artifacts.write_json_atomic(os.path.join(run_dir, "classes.json"), list(class_names))
-    logger.info("Run directory: %s", run_dir)
-    if prepared.skipped:
-        artifacts.write_text_atomic(os.path.join(run_dir, SKIPPED_IMAGES_CSV), _skipped_csv(prepared.skipped))
+    else:
+        run_dir = None  # a new run: only the chief knows its directory, and nothing is restored
+    if setup.is_chief:
+        logger.info("Run directory: %s", run_dir)
+        if prepared.skipped:
+            artifacts.write_text_atomic(os.path.join(run_dir, SKIPPED_IMAGES_CSV), _skipped_csv(prepared.skipped))
 
     decode_seconds = pipeline.fill_caches(datasets, prepared.decoded)  # the images prepare_data decoded
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=loss,
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")]
-        + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
-        jit_compile=_jit_compile(config.jit_compile),
-    )
-    backup_dir = os.path.join(run_dir, BACKUP_DIR)
-    initial_epoch = restore_backup(model, backup_dir)
-    history_path = os.path.join(run_dir, "history.csv")
-    restored_rows = read_history(history_path, initial_epoch)
+    backup_dir = os.path.join(run_dir, BACKUP_DIR) if run_dir else None
+    with setup.scope():
+        initial_epoch = restore_backup(model, backup_dir) if backup_dir else 0
     if resumed_dir:
         logger.info("Resuming %s after epoch %d of %d", run_dir, initial_epoch, config.epochs)
-    finite = [(row["val_loss"], row["epoch"]) for row in restored_rows if math.isfinite(row.get("val_loss", math.nan))]
-    checkpoint_path = os.path.join(run_dir, "model.keras")
-    checkpoint = BestCheckpoint(checkpoint_path, *min(finite, default=(math.inf, None)))
-    history_csv = HistoryCSV(history_path, len(index.split("train")), restored_rows)
     callbacks = [
         keras.callbacks.LearningRateScheduler(
-            lambda epoch: step_decay(epoch, config.learning_rate, config.lr_decay, config.lr_decay_epochs)
+            lambda epoch: step_decay(epoch, learning_rate, config.lr_decay, config.lr_decay_epochs)
         ),
-        keras.callbacks.TerminateOnNaN(),
-        checkpoint,
-        history_csv,
-        EpochBackup(backup_dir),  # last: an epoch is backed up only once its history row and checkpoint exist
+        StopOnNonFiniteLoss(),  # before the callbacks that keep an epoch
     ]
+    checkpoint = None
+    if setup.is_chief:  # the others write nothing
+        history_path = os.path.join(run_dir, "history.csv")
+        restored_rows = read_history(history_path, initial_epoch)
+        finite = [(row["val_loss"], row["epoch"]) for row in restored_rows
+                  if math.isfinite(row.get("val_loss", math.nan))]
+        checkpoint = BestCheckpoint(os.path.join(run_dir, "model.keras"), *min(finite, default=(math.inf, None)))
+        callbacks += [
+            checkpoint,
+            HistoryCSV(history_path, datasets.images_per_epoch, restored_rows),
+            EpochBackup(backup_dir),  # last: an epoch is backed up only once its history row and checkpoint exist
+        ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     fit_start = time.perf_counter()
-    fit_epochs(model, datasets, initial_epoch, config.epochs, validation_data=datasets.evaluation["val"],
-               class_weight=class_weight, callbacks=callbacks, verbose=verbose)
+    history = fit_epochs(model, datasets, initial_epoch, config.epochs, setup,
+                         validation_data=setup.evaluation_data(datasets, "val"), class_weight=class_weight,
+                         callbacks=callbacks, verbose=verbose if setup.is_chief else 0)
     fit_seconds = time.perf_counter() - fit_start
-    if model.stop_training:  # only TerminateOnNaN stops a fit early
+    epochs_run = history.epoch[-1] + 1 if history and history.epoch else initial_epoch
+    if model.stop_training:  # only StopOnNonFiniteLoss stops a fit early
         raise FloatingPointError(
-            f"Training stopped in epoch {len(history_csv.rows)}: the loss became NaN or infinite. Lower "
-            f"--learning_rate (it is {config.learning_rate:g}) or check the data. {run_dir} is left unfinished; "
-            "its history.csv shows the epochs before."
+            f"Training stopped in epoch {epochs_run}: the loss became NaN or infinite. Lower --learning_rate "
+            f"(it is {learning_rate:g}) or check the data."
+            + (f" {run_dir} is left unfinished; its history.csv shows the epochs before." if run_dir else "")
         )
+    if not setup.is_chief:
+        return None
     if checkpoint.best_epoch is None:
         raise FloatingPointError(f"No epoch had a finite validation loss, so there is no model to keep. Lower "
-                                 f"--learning_rate (it is {config.learning_rate:g}) or check the data.")
+                                 f"--learning_rate (it is {learning_rate:g}) or check the data.")
+    details = {
+        "dtype_policy": policy,
+        "distribution": {"name": setup.name, "replicas": setup.replicas, "workers": setup.workers,
+                         "learning_rate": learning_rate},
+    }
+    return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, checkpoint, epochs_run,
+                    {"decode_and_cache": decode_seconds, "fit": fit_seconds}, details)
 
-    best = models.load_model(checkpoint_path)
+
+def _finish(config: TrainConfig, trained: _Trained) -> str:
+    """Export the best epoch's model, evaluate it on every split, write ``metrics.json``."""
+    run_dir, index, class_names = trained.run_dir, trained.prepared.index, trained.prepared.index.class_names
+    final_start = time.perf_counter()
+    best = models.load_model(trained.checkpoint.path)
     saved_model_path = os.path.join(run_dir, "saved_model")
-    if resumed_dir and os.path.isdir(saved_model_path):  # exported before the kill, from the same model.keras
+    if trained.resumed and os.path.isdir(saved_model_path):  # exported before the kill, from the same model.keras
         shutil.rmtree(saved_model_path)
     artifacts.export_saved_model(best, saved_model_path)
+    split_reports = evaluate_splits(best, trained.datasets.evaluation, class_names, config.batch_size)
+    seconds = {**trained.seconds, "export_and_evaluate": time.perf_counter() - final_start}
     report = {
-        "synthetic_data": prepared.synthetic,
-        "data_dir": os.path.abspath(prepared.data_dir),
+        "synthetic_data": trained.prepared.synthetic,
+        "data_dir": os.path.abspath(trained.prepared.data_dir),
         "task": config.task,
         "classes": list(class_names),
         "images": {split: index.class_counts(split) for split in data.SPLITS},
         "excluded_rows": index.excluded,
-        "model_selection": {"monitor": "val_loss", "best_epoch": checkpoint.best_epoch,
-                            "epochs_run": len(history_csv.rows)},
-        "resumed_after_epoch": initial_epoch if resumed_dir else None,
-        "dtype_policy": policy,
-        "seconds": {"decode_and_cache": round(decode_seconds, 2), "fit": round(fit_seconds, 2)},
-        "splits": evaluate_splits(best, datasets.evaluation, class_names),
+        "model_selection": {"monitor": "val_loss", "best_epoch": trained.checkpoint.best_epoch,
+                            "epochs_run": trained.epochs_run},
+        "resumed_after_epoch": trained.initial_epoch if trained.resumed else None,
+        **trained.details,
+        "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
+        "splits": split_reports,
     }
     artifacts.write_json_atomic(os.path.join(run_dir, "metrics.json"), report)
-    shutil.rmtree(backup_dir, ignore_errors=True)  # the run is complete: nothing left to resume
+    shutil.rmtree(os.path.join(run_dir, BACKUP_DIR), ignore_errors=True)  # complete: nothing left to resume
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in report["splits"].items())
-    logger.info("Best epoch %d of %d (by val_loss): %s", checkpoint.best_epoch, len(history_csv.rows), summary)
-    if prepared.synthetic:
-        logger.warning(SYNTHETIC_WARNING.format(path=prepared.data_dir))
+    logger.info("Best epoch %d of %d (by val_loss): %s", trained.checkpoint.best_epoch, trained.epochs_run, summary)
+    if trained.prepared.synthetic:
+        logger.warning(SYNTHETIC_WARNING.format(path=trained.prepared.data_dir))
     return run_dir

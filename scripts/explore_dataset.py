@@ -53,7 +53,7 @@ def samples_and_histograms(
     samples = {name: [] for name in class_names}
     counts = {name: np.zeros(256, dtype=np.int64) for name in class_names}
     images_per_class = dict.fromkeys(class_names, 0)
-    for image, label in pipeline.decoded_dataset(frame, image_size, cache="none", tag="explore").prefetch(8):
+    for image, label in pipeline.decoded_dataset(frame, image_size).prefetch(8):
         name = class_names[int(label)]
         pixels = image.numpy()[..., 0]
         if len(samples[name]) < SAMPLES_PER_CLASS:

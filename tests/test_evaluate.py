@@ -109,6 +109,17 @@ def test_missing_test_split_is_one_clear_error(run_dir, tiny_dataset, tmp_path):
         evaluate.evaluate_run(run_dir, "test", no_test)
 
 
+def test_unreadable_images_are_all_named_before_any_prediction(run_dir, tiny_dataset, tmp_path):
+    copy = shutil.copytree(tiny_dataset, tmp_path / "broken")
+    test_paths = data.load_index(str(copy)).split("test")["path"].tolist()
+    for path in test_paths[:2]:
+        with open(path, "wb") as handle:
+            handle.write(b"<html>not an image</html>")
+    with pytest.raises(data.DataError, match=r"2 image file\(s\) cannot be decoded") as error:
+        evaluate.evaluate_run(run_dir, "test", str(copy))
+    assert all(path in str(error.value) for path in test_paths[:2])
+
+
 def test_run_without_model_is_one_clear_error(run_dir, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()

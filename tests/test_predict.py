@@ -81,7 +81,7 @@ def bad_folder(tmp_path_factory) -> tuple[str, list[str], list[str]]:
 def model_predict(model: keras.Model, files: list[str]) -> np.ndarray:
     """``model.predict`` on the files decoded by the training input pipeline."""
     frame = pd.DataFrame({"path": files, "label_index": 0})
-    images = pipeline.decoded_dataset(frame, IMAGE_SIZE, "none", "reference").map(lambda image, _: image)
+    images = pipeline.decoded_dataset(frame, IMAGE_SIZE).map(lambda image, _: image)
     return model.predict(images.batch(4), verbose=0)
 
 

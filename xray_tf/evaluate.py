@@ -67,9 +67,17 @@ def _load_model(run_dir: str, image_size: int) -> keras.Model:
 
 
 def _predict(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int) -> np.ndarray:
-    """Class probabilities ``[len(frame), k]`` for the frame's images, in row order, unaugmented."""
-    dataset = pipeline.decoded_dataset(frame, image_size, cache="none", tag="evaluate")
-    batches = (images for images, _ in dataset.batch(batch_size).prefetch(2).as_numpy_iterator())
+    """Class probabilities ``[len(frame), k]`` for the frame's images, in row order, unaugmented.
+
+    Every image is decoded first, as training does, so that unreadable files are all named in one
+    error before any prediction is made.
+    """
+    decoded = pipeline.decode_images(frame["path"], image_size, keep="memory")
+    if decoded.unreadable:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(decoded.unreadable.items()))
+        raise data.DataError(f"{len(decoded.unreadable)} image file(s) cannot be decoded:\n{listing}")
+    images = decoded.images[decoded.rows(frame["path"])]
+    batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
     return models.predict_batches(model, batches, batch_size).astype(np.float64)  # NumPy feeds every backend
 
 

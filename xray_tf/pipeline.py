@@ -288,32 +288,14 @@ def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 
     return decode_images(paths, image_size, "none", log_every_s).unreadable
 
 
-def _cache(dataset: tf.data.Dataset, cache: str, name: str) -> tf.data.Dataset:
-    if cache == "none":
-        return dataset
-    if cache == "memory":
-        return dataset.cache()
-    os.makedirs(cache, exist_ok=True)
-    return dataset.cache(os.path.join(cache, name))
-
-
-def _cache_name(frame: pd.DataFrame, tag: str, image_size: int) -> str:
-    """A file-cache name that changes whenever the files, labels or size change."""
-    digest = hashlib.sha1()
-    for path, label in zip(frame["path"], frame["label_index"]):
-        digest.update(f"{path}\t{label}\n".encode())
-    return f"{tag}_{image_size}px_{digest.hexdigest()[:12]}"
-
-
-def decoded_dataset(frame: pd.DataFrame, image_size: int, cache: str, tag: str) -> tf.data.Dataset:
-    """``(uint8 image, int64 label_index)`` for each row of ``frame``, in row order, cached."""
+def decoded_dataset(frame: pd.DataFrame, image_size: int) -> tf.data.Dataset:
+    """``(uint8 image, int64 label_index)`` for each row of ``frame``, in row order, decoded as they
+    stream (for one pass over files too many to hold, e.g. the dataset statistics); training and
+    evaluation decode with ``decode_images`` instead, which also reports every unreadable file."""
     paths = tf.data.Dataset.from_tensor_slices(
         (frame["path"].to_numpy(dtype=str), frame["label_index"].to_numpy(dtype=np.int64))
     )
-    images = paths.map(
-        lambda path, label: (decode_image(path, image_size), label), num_parallel_calls=AUTOTUNE
-    )
-    return _cache(images, cache, _cache_name(frame, tag, image_size))
+    return paths.map(lambda path, label: (decode_image(path, image_size), label), num_parallel_calls=AUTOTUNE)
 
 
 def rotation_transforms(angles: tf.Tensor, height: int, width: int) -> tf.Tensor:
@@ -427,15 +409,15 @@ class Datasets:
     evaluation: dict[str, tf.data.Dataset]  # split -> unaugmented batches in index order
     steps_per_epoch: int
     images: _FrameImages
+    settings: PipelineSettings
     _draw: Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> one epoch's n frame positions
     _batches: Callable[[tf.data.Dataset], tf.data.Dataset]  # (positions, seed) -> augmented batches
-    _settings: PipelineSettings
 
     @property
     def images_per_epoch(self) -> int:
         """Every training batch is full (one compiled train step; divisible across replicas), so an
         epoch is ``steps_per_epoch * batch_size`` draws: the train split rounded up to whole batches."""
-        return self.steps_per_epoch * self._settings.batch_size
+        return self.steps_per_epoch * self.settings.batch_size
 
     def epochs(self, first: int, stop: int, worker: int = 0, workers: int = 1, pieces: int = 1) -> tf.data.Dataset:
         """Epochs ``first`` to ``stop - 1`` (0-based) back to back, for ``fit(steps_per_epoch=...)``.
@@ -455,10 +437,10 @@ class Datasets:
             raise ValueError(f"No epochs from {first} to {stop}.")
         if self.images.cached and self.images.decoded is None:
             fill_caches(self)
-        batch_size, steps = self._settings.batch_size, self.steps_per_epoch
+        batch_size, steps = self.settings.batch_size, self.steps_per_epoch
         positions, seeds = [], []
         for epoch in range(first, stop):
-            rng = np.random.default_rng(np.random.SeedSequence([self._settings.seed, epoch]))
+            rng = np.random.default_rng(np.random.SeedSequence([self.settings.seed, epoch]))
             positions.append(self._draw(rng, self.images_per_epoch).reshape(steps, batch_size))
             seeds.append(rng.integers(0, np.iinfo(np.int64).max, size=(steps, 2)))
         rows = tf.data.Dataset.from_tensor_slices((np.concatenate(positions), np.concatenate(seeds)))
@@ -539,7 +521,7 @@ def build_datasets(frame: pd.DataFrame, num_classes: int, settings: PipelineSett
         images=images,
         _draw=draw,
         _batches=batches,
-        _settings=settings,
+        settings=settings,
     )
 
 
@@ -554,6 +536,6 @@ def fill_caches(datasets: Datasets, decoded: DecodedImages | None = None, log_ev
         return decoded.seconds if decoded is not None else 0.0
     if decoded is None or decoded.images is None:
         paths = list(dict.fromkeys(datasets.images.paths))
-        decoded = decode_images(paths, datasets._settings.image_size, datasets._settings.cache, log_every_s)
+        decoded = decode_images(paths, datasets.settings.image_size, datasets.settings.cache, log_every_s)
     datasets.images.attach(decoded)
     return decoded.seconds

@@ -158,27 +158,27 @@ def _jax_setup(name: str) -> Iterator[Setup]:
             addresses, process_id = cluster_from_tf_config()
             keras.distribution.initialize(",".join(addresses), len(addresses), process_id)
     devices = keras.distribution.list_devices()
-    previous = keras.distribution.distribution()
     # auto_shard_dataset=False: each process feeds its own share (Setup.training_data), because
     # Keras' automatic sharding needs a dataset ending in .batch(), and ours gathers batches itself.
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
-    try:
+    with _keras_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)):
         yield Setup(name, len(devices), jax.process_count(), jax.process_index(), jax.process_index() == 0)
-    finally:
-        keras.distribution.set_distribution(previous)
 
 
-
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
+def single_process() -> contextlib.AbstractContextManager:
     """Within the block, new Keras variables live on this process only: for what the chief does alone.
 
     Saving a model creates a throwaway optimizer variable; under a multi-process ``DataParallel``
     creating a variable is a collective step that every process must join, so a save by the
     chief alone would wait forever.
     """
+    return _keras_distribution(None)
+
+
+@contextlib.contextmanager
+def _keras_distribution(value: keras.distribution.DataParallel | None) -> Iterator[None]:
+    """Keras' global distribution set to ``value`` within the block, the previous one restored after."""
     previous = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
+    keras.distribution.set_distribution(value)
     try:
         yield
     finally:

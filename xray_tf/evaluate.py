@@ -74,9 +74,9 @@ def _predict(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_siz
     """
     decoded = pipeline.decode_images(frame["path"], image_size, keep="memory")
     if decoded.unreadable:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(decoded.unreadable.items()))
-        raise data.DataError(f"{len(decoded.unreadable)} image file(s) cannot be decoded:\n{listing}")
-    images = decoded.images[decoded.rows(frame["path"])]
+        raise data.DataError(f"{len(decoded.unreadable)} image file(s) cannot be decoded:\n"
+                             f"{pipeline.list_unreadable(decoded.unreadable)}")
+    images = decoded.images  # in the frame's row order
     batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
     return models.predict_batches(model, batches, batch_size).astype(np.float64)  # NumPy feeds every backend
 

@@ -283,6 +283,11 @@ def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory",
     return DecodedImages(tuple(paths), images, unreadable, seconds)
 
 
+def list_unreadable(unreadable: dict[str, str]) -> str:
+    """``unreadable`` (path -> reason) as one indented line per file, sorted: for error messages."""
+    return "\n".join(f"  {path}: {reason}" for path, reason in sorted(unreadable.items()))
+
+
 def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 10.0) -> dict[str, str]:
     """``{path: reason}`` for each file that does not decode; the images themselves are not kept."""
     return decode_images(paths, image_size, "none", log_every_s).unreadable
@@ -429,9 +434,9 @@ class Datasets:
 
         For data-parallel training (``distribution``), ``worker`` of ``workers`` keeps its
         contiguous share of every global batch, cut into ``pieces`` consecutive elements (one per
-        replica, for ``tf.distribute``). Every worker assembles and augments the whole global batch and keeps its
-        share, so each image gets the same pixels whatever the number of replicas, and the replicas
-        together train on exactly the batches one device would see.
+        replica, for ``tf.distribute``). Every worker assembles and augments the whole global batch
+        and keeps its share, so each image gets the same pixels whatever the number of replicas,
+        and the replicas together train on exactly the batches one device would see.
         """
         if not 0 <= first < stop:
             raise ValueError(f"No epochs from {first} to {stop}.")

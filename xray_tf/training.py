@@ -278,7 +278,7 @@ def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
     decoded = pipeline.decode_images(index.frame["path"], config.image_size, config.cache if keep_images else "none")
     unreadable = decoded.unreadable
     if unreadable:
-        listing = _list_files(unreadable)
+        listing = pipeline.list_unreadable(unreadable)
         if config.on_bad_image == "error":
             raise data.DataError(f"{len(unreadable)} image file(s) cannot be decoded (--on_bad_image=skip "
                                  f"trains without them):\n{listing}")
@@ -288,16 +288,12 @@ def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
     return PreparedData(data_dir, synthetic_data, index, unreadable, decoded)
 
 
-def _list_files(reasons: dict[str, str]) -> str:
-    return "\n".join(f"  {path}: {reason}" for path, reason in sorted(reasons.items()))
-
-
 def check_report(prepared: PreparedData, task: str) -> str:
     """What ``--check_data`` prints: the images training would use, and any it would skip."""
     lines = [f"{prepared.data_dir}, task {task}:", prepared.index.summary()]
     if prepared.skipped:
         lines += [f"{len(prepared.skipped)} image file(s) cannot be decoded; --on_bad_image=skip leaves them out:",
-                  _list_files(prepared.skipped)]
+                  pipeline.list_unreadable(prepared.skipped)]
     else:
         lines.append("No problems found.")
     return "\n".join(lines)

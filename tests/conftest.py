@@ -22,6 +22,19 @@ def shared_data(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """xray_tf's cache (the synthetic dataset, compiled programs) goes to a temporary folder, not
+    the user's home; training subprocesses inherit it through the environment."""
+    previous = os.environ.get("XRAY_TF_CACHE")
+    os.environ["XRAY_TF_CACHE"] = str(tmp_path_factory.mktemp("xray_tf_cache"))
+    yield os.environ["XRAY_TF_CACHE"]
+    if previous is None:
+        del os.environ["XRAY_TF_CACHE"]
+    else:
+        os.environ["XRAY_TF_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
     """A small synthetic CoronaHack-layout dataset (all four classes, TRAIN and TEST)."""

@@ -60,6 +60,10 @@ def test_run_writes_every_artifact(synthetic_run):
         assert report["num_images"] == sum(metrics["images"][split].values())
         assert np.array(report["confusion_matrix"]).sum() == report["num_images"]
     assert metrics["excluded_rows"] == {"Stress-Smoking, in no class": 2}
+    assert metrics["compilation_cache"] is None  # the TensorFlow backend keeps no compiled programs
+    seconds = metrics["seconds"]
+    assert 0 <= seconds["fit_before_first_epoch"] and 0 <= seconds["fit_after_last_epoch"]
+    assert seconds["fit_before_first_epoch"] + seconds["fit_after_last_epoch"] < seconds["fit"]
 
 
 def test_synthetic_data_is_announced_loudly(synthetic_run):
@@ -109,11 +113,13 @@ def test_a_second_run_with_the_same_name_gets_its_own_directory(synthetic_run):
 
 
 def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset, tmp_path):
-    """The JAX backend end to end, through keras.distribution.DataParallel over 2 CPU devices (one
-    run covers both, to keep the suite short; single-device JAX training is in test_reliability)."""
+    """The JAX backend end to end, through keras.distribution.DataParallel over 2 CPU devices, with
+    a compilation cache (one run covers all three, to keep the suite short; single-device JAX
+    training is in test_reliability)."""
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
+    cache = tmp_path / "xla"
     result = run_module("xray_tf.train", *TINY_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}",
-                        "--run_name=jax", "--distribution=mirrored",
+                        "--run_name=jax", "--distribution=mirrored", f"--compilation_cache={cache}",
                         env={"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distribution mirrored (jax backend): 2 replica(s)" in result.stderr
@@ -121,7 +127,11 @@ def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset
     run_dir = tmp_path / "jax"
     assert ARTIFACTS <= set(os.listdir(run_dir))
     assert len(read_history(str(run_dir))) == 2
-    assert json.load(open(run_dir / "metrics.json"))["distribution"]["replicas"] == 2
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert metrics["distribution"]["replicas"] == 2
+    assert metrics["compilation_cache"] == str(cache)
+    cached = os.listdir(cache)
+    assert {"train_step", "test_step", "predict_step"} <= {name.split("-")[0].removeprefix("jit_") for name in cached}
 
 
 def test_short_run_on_real_coronahack(tmp_path):

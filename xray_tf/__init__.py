@@ -1,0 +1,11 @@
+"""xray_tf: chest X-ray classifiers on CoronaHack with Keras 3 and tf.data."""
+
+import os
+
+
+def cache_dir() -> str:
+    """Where xray_tf keeps files between runs (the synthetic dataset, compiled programs).
+
+    ``$XRAY_TF_CACHE`` when set, else ``~/.cache/xray_tf``.
+    """
+    return os.environ.get("XRAY_TF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "xray_tf")

@@ -54,6 +54,7 @@ class TrainConfig:
     epochs: int = 20
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
+    compilation_cache: str = "auto"  # JAX backend: see xray_tf.compile_cache
     # Several devices or hosts
     distribution: str = "none"
     scale_lr_with_batch: bool = False
@@ -106,7 +107,9 @@ class TrainConfig:
             raise ValueError(f"--weights={self.weights!r}: expected 'imagenet', 'none' or an existing weights file.")
         if self.resume and not self.run_name:
             raise ValueError("--resume needs --run_name=NAME, the run directory in --output_dir to continue.")
-        _check_writable(self.output_dir)
+        _check_writable("output_dir", self.output_dir)
+        if self.compilation_cache not in ("auto", "none"):
+            _check_writable("compilation_cache", self.compilation_cache)
 
     def to_flags(self) -> dict[str, str]:
         """Every setting that is not None, as flag name -> value as written on a command line."""
@@ -118,16 +121,16 @@ class TrainConfig:
         return "".join(f"--{name}={value}\n" for name, value in self.to_flags().items())
 
 
-def _check_writable(output_dir: str) -> None:
-    """Raise ValueError unless ``output_dir`` exists writable or could be created.
+def _check_writable(flag: str, directory: str) -> None:
+    """Raise ValueError naming ``--flag`` unless ``directory`` exists writable or could be created.
 
     Checked up front so that hours of data checking and model building do not end in a failed
-    ``mkdir``; the run directory itself is created later, atomically.
+    ``mkdir``; the directory itself is created later (a run directory atomically).
     """
-    existing = os.path.abspath(output_dir)
+    existing = os.path.abspath(directory)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"--output_dir={output_dir!r} cannot be created: {existing} is a file.")
+        raise ValueError(f"--{flag}={directory!r} cannot be created: {existing} is a file.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output_dir={output_dir!r} is not writable ({existing}).")
+        raise ValueError(f"--{flag}={directory!r} is not writable ({existing}).")

@@ -26,6 +26,7 @@ import pandas as pd
 from absl import app, flags
 from PIL import Image
 
+import xray_tf
 from xray_tf import data
 
 # Per-class shares of the real CoronaHack TRAIN split (1342 / 2535 / 1349 / 58 of 5284).
@@ -138,8 +139,7 @@ def write_dataset(out_dir: str, num_train: int = 400, num_test: int = 80, seed: 
 
 def default_dataset_dir() -> str:
     """Where the trainer keeps the synthetic dataset it uses when no ``--data_dir`` is given."""
-    cache = os.environ.get("XRAY_TF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xray_tf"))
-    return os.path.join(cache, "synthetic-v1")
+    return os.path.join(xray_tf.cache_dir(), "synthetic-v1")
 
 
 def ensure_default_dataset() -> str:

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from xray_tf import artifacts, data, distribution, losses, metrics, models, pipeline, synthetic
+from xray_tf import artifacts, compile_cache, data, distribution, losses, metrics, models, pipeline, synthetic
 from xray_tf.config import TrainConfig
 from xray_tf.reports import read_flags
 
@@ -44,8 +44,9 @@ SYNTHETIC_WARNING = (
 BACKUP_DIR = "backup"  # inside the run directory; removed when the run has finished
 SKIPPED_IMAGES_CSV = "skipped_images.csv"
 _SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
-# May differ when a run is resumed: where it is, and how many devices share its (unchanged) batches.
-_RUN_LOCATION_FLAGS = ("output_dir", "run_name", "resume", "distribution")
+# May differ when a run is resumed: where it is, how many devices share its (unchanged) batches,
+# and where its compiled programs are cached.
+_RUN_LOCATION_FLAGS = ("output_dir", "run_name", "resume", "distribution", "compilation_cache")
 
 
 def step_decay(epoch: int, initial_rate: float, factor: float, every: int) -> float:
@@ -139,6 +140,26 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = float(value), epoch + 1
 
 
+class FitClock(keras.callbacks.Callback):
+    """When ``fit`` began its first epoch and ended its last, to split a run's time (metrics.json)."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_begin = self.train_end = math.nan
+
+    def on_train_begin(self, logs=None):
+        self.train_begin = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.train_end = time.perf_counter()
+
+    def split(self, fit_start: float, fit_end: float) -> dict[str, float]:
+        """The seconds of ``fit`` before the first and after the last epoch (none if it never trained)."""
+        if math.isnan(self.train_end):
+            return {}
+        return {"fit_before_first_epoch": self.train_begin - fit_start, "fit_after_last_epoch": fit_end - self.train_end}
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stops training after an epoch whose mean training loss is NaN or infinite.
 
@@ -206,7 +227,8 @@ def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop
     if keras.backend.backend() == "jax":
         # Build the compiled loss and metrics on a batch of their own: Keras' JAX trainer otherwise
         # builds them from a batch it draws out of the training stream, shifting every epoch by one.
-        model.evaluate(setup.evaluation_data(datasets, "train"), steps=1, verbose=0)
+        # take(1), not steps=1: the iterator ends rather than being dropped with batches in flight.
+        model.evaluate(setup.evaluation_data(datasets, "train").take(1), verbose=0)
     return model.fit(setup.training_data(datasets, first, stop), steps_per_epoch=datasets.steps_per_epoch,
                      initial_epoch=first, epochs=stop, shuffle=False, **fit_args)  # the pipeline samples
 
@@ -335,7 +357,8 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str | None:
     """
     config.validate()
     with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
-        trained = _train(config, setup, verbose)
+        cache = compile_cache.enable(config.compilation_cache)  # before the first XLA compilation
+        trained = _train(config, setup, verbose, cache)
     # The best model is reloaded outside the distribution: one device evaluates every image.
     return _finish(config, trained) if trained else None
 
@@ -355,7 +378,8 @@ class _Trained:
     details: dict  # recorded in metrics.json as they are
 
 
-def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -> _Trained | None:
+def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str,
+           compilation_cache: str | None) -> _Trained | None:
     """Check the data, build and fit the model on every worker; None on workers other than the chief."""
     setup.check_batch_size(config.batch_size)
     resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
@@ -429,7 +453,9 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
         initial_epoch = restore_backup(model, backup_dir) if backup_dir else 0
     if resumed_dir:
         logger.info("Resuming %s after epoch %d of %d", run_dir, initial_epoch, config.epochs)
+    clock = FitClock()
     callbacks = [
+        clock,
         keras.callbacks.LearningRateScheduler(
             lambda epoch: step_decay(epoch, learning_rate, config.lr_decay, config.lr_decay_epochs)
         ),
@@ -453,7 +479,7 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
     history = fit_epochs(model, datasets, initial_epoch, config.epochs, setup,
                          validation_data=setup.evaluation_data(datasets, "val"), class_weight=class_weight,
                          callbacks=callbacks, verbose=verbose if setup.is_chief else 0)
-    fit_seconds = time.perf_counter() - fit_start
+    fit_end = time.perf_counter()
     epochs_run = history.epoch[-1] + 1 if history and history.epoch else initial_epoch
     if model.stop_training:  # only StopOnNonFiniteLoss stops a fit early
         raise FloatingPointError(
@@ -470,9 +496,11 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
         "dtype_policy": policy,
         "distribution": {"name": setup.name, "replicas": setup.replicas, "workers": setup.workers,
                          "learning_rate": learning_rate},
+        "compilation_cache": compilation_cache,
     }
     return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, checkpoint, epochs_run,
-                    {"decode_and_cache": decode_seconds, "fit": fit_seconds}, details)
+                    {"decode_and_cache": decode_seconds, "fit": fit_end - fit_start, **clock.split(fit_start, fit_end)},
+                    details)
 
 
 def _finish(config: TrainConfig, trained: _Trained) -> str:

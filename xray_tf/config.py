@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from xray_tf import data, losses, models
+from xray_tf import compile_cache, data, losses, models
 
 SAMPLERS = ("balanced", "none")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -108,7 +108,7 @@ class TrainConfig:
         if self.resume and not self.run_name:
             raise ValueError("--resume needs --run_name=NAME, the run directory in --output_dir to continue.")
         _check_writable("output_dir", self.output_dir)
-        if self.compilation_cache not in ("auto", "none"):
+        if self.compilation_cache not in (compile_cache.AUTO, compile_cache.OFF):
             _check_writable("compilation_cache", self.compilation_cache)
 
     def to_flags(self) -> dict[str, str]:

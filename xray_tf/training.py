@@ -357,8 +357,7 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str | None:
     """
     config.validate()
     with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
-        cache = compile_cache.enable(config.compilation_cache)  # before the first XLA compilation
-        trained = _train(config, setup, verbose, cache)
+        trained = _train(config, setup, verbose)
     # The best model is reloaded outside the distribution: one device evaluates every image.
     return _finish(config, trained) if trained else None
 
@@ -378,10 +377,10 @@ class _Trained:
     details: dict  # recorded in metrics.json as they are
 
 
-def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str,
-           compilation_cache: str | None) -> _Trained | None:
+def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -> _Trained | None:
     """Check the data, build and fit the model on every worker; None on workers other than the chief."""
     setup.check_batch_size(config.batch_size)
+    compilation_cache = compile_cache.enable(config.compilation_cache)  # before the first XLA compilation
     resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
     prepared = prepare_data(config)
     logger.info("%s", setup.describe(config.batch_size))

@@ -71,6 +71,15 @@ def test_shapes_dtypes_and_step_count(index):
     assert set(datasets.evaluation) == {"train", "val", "test"}
 
 
+def test_no_dataset_starts_the_autotune_thread(index):
+    """Freeing an autotuned iterator waits out its tuning thread's sleep: 24-33 s at the end of fit."""
+    datasets = pipeline.build_datasets(index.frame, 4, small_settings())
+    streams = [datasets.epochs(0, 2), datasets.epochs(0, 1, worker=1, workers=2, pieces=2),
+               datasets.evaluation_share("val", workers=2, multiple=2), *datasets.evaluation.values(),
+               pipeline.decoded_dataset(index.frame, 32)]
+    assert [stream.options().autotune.enabled for stream in streams] == [False] * len(streams)
+
+
 def test_balanced_sampler_draws_classes_uniformly(index):
     counts = np.array(list(index.class_counts("train").values()))
     assert counts.max() / counts.min() >= 5  # imbalanced to begin with

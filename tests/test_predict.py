@@ -8,6 +8,7 @@ model, whatever its quality, and training is tested in test_train_cli.
 from __future__ import annotations
 
 import glob
+import io
 import os
 
 import keras
@@ -145,6 +146,18 @@ def test_cli_writes_csv_to_stdout_and_exits_0_when_all_read(run_dir, bad_folder)
     lines = result.stdout.splitlines()
     assert lines[0] == "file,predicted_class," + ",".join(PROBABILITY_COLUMNS) + ",error"
     assert [line.split(",")[0] for line in lines[1:]] == good
+
+
+def test_cli_on_jax_predicts_like_tensorflow_and_keeps_its_compiled_programs(run_dir, bad_folder, tmp_path):
+    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
+    good, cache = bad_folder[1], tmp_path / "xla"
+    result = run_module("xray_tf.predict", f"--model={run_dir[0]}", f"--compilation_cache={cache}", *good,
+                        env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(io.StringIO(result.stdout)).set_index("file").loc[good]
+    np.testing.assert_allclose(frame[PROBABILITY_COLUMNS].to_numpy(float), model_predict(run_dir[1], good),
+                               atol=1e-4)
+    assert any(name.startswith("jit_predict_step") for name in os.listdir(cache))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"  # JAX's own setting (JAX_COMPILATION_CACHE_DIR) if any, else default_dir()
 OFF = "none"
+FLAG_HELP = ("JAX backend: a directory where compiled XLA programs are kept, so a rerun with the same model and "
+             "shapes skips compiling. auto: $JAX_COMPILATION_CACHE_DIR if set, else jax-compilation in "
+             "~/.cache/xray_tf (or $XRAY_TF_CACHE); none: off.")  # --compilation_cache of every CLI
 
 
 def default_dir() -> str:
@@ -34,7 +37,8 @@ def enable(setting: str) -> str | None:
 
     ``setting`` is ``"auto"``, ``"none"`` or a directory. Returns None when nothing is cached:
     ``"none"``, the TensorFlow backend, or an ``"auto"`` directory that cannot be written (a
-    warning says so; training goes on, compiling as usual). Call before the first compilation.
+    warning says so; the program goes on, compiling as usual). Call before the first compilation.
+    Raises ValueError naming the flag when a directory that was asked for cannot be created.
     """
     if setting == OFF or keras.backend.backend() != "jax":
         return None
@@ -54,7 +58,10 @@ def enable(setting: str) -> str | None:
             logger.warning("No compilation cache: %s is not writable; every program is compiled.", directory)
             return None
     else:
-        os.makedirs(directory, exist_ok=True)  # writable: checked by TrainConfig.validate
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--compilation_cache={setting!r} cannot be created: {error.strerror}.") from None
     if jax.config.jax_compilation_cache_dir != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # JAX reads the directory once, at its first compilation

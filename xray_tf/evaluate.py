@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from absl import app, flags
 
-from xray_tf import artifacts, data, metrics, models, pipeline, plots, reports
+from xray_tf import artifacts, compile_cache, data, metrics, models, pipeline, plots, reports
 from xray_tf.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -181,11 +181,13 @@ def _cli() -> None:
     split = flags.DEFINE_enum("split", "test", list(EVALUATION_SPLITS),
                               "test: the TEST split (absent from the shared copy); val: the run's validation split.")
     batch_size = flags.DEFINE_integer("batch_size", 32, "Images per prediction batch.")
+    cache = flags.DEFINE_string("compilation_cache", compile_cache.AUTO, compile_cache.FLAG_HELP)
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
         try:
+            compile_cache.enable(cache.value)
             result = evaluate_run(run_dir.value, split.value, data_dir.value, batch_size.value)
         except (ValueError, FileNotFoundError) as error:  # DataError and RunError are ValueErrors
             sys.exit(f"xray_tf.evaluate: error: {error}")

@@ -31,7 +31,7 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from xray_tf import artifacts, gradcam, pipeline
+from xray_tf import artifacts, compile_cache, gradcam, pipeline
 from xray_tf import models  # noqa: F401  (registers XrayPreprocessing, so safe_mode loading finds it)
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ def _cli() -> None:
     batch_size = flags.DEFINE_integer("batch_size", 32, "Images per batch.", lower_bound=1)
     overlay_size = flags.DEFINE_integer("overlay_size", 512, "Side of the square Grad-CAM overlays, in pixels.",
                                         lower_bound=1)
+    cache = flags.DEFINE_string("compilation_cache", compile_cache.AUTO, compile_cache.FLAG_HELP)
 
     def main(argv: list[str]) -> None:
         if len(argv) < 2:
@@ -292,6 +293,7 @@ def _cli() -> None:
             if gradcam_class.value is not None and gradcam_dir.value is None:
                 raise ValueError("--gradcam_class needs --gradcam_dir, where the overlays go.")
             files = find_images(argv[1:])
+            compile_cache.enable(cache.value)
             predictor = load_predictor(model.value)
             target = None
             if gradcam_class.value is not None:

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 
 from xray_tf import config as config_lib
-from xray_tf import data, losses, models
+from xray_tf import compile_cache, data, losses, models
 
 _DEFAULTS = config_lib.TrainConfig()
 
@@ -64,10 +64,7 @@ flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, list(config_lib.
                   "auto: mixed_bfloat16 when a GPU is present, float32 otherwise.")
 flags.DEFINE_enum("jit_compile", _DEFAULTS.jit_compile, list(config_lib.JIT_COMPILE),
                   "XLA compilation of the train step (auto: Keras decides; off on CPU-only TensorFlow).")
-flags.DEFINE_string("compilation_cache", _DEFAULTS.compilation_cache, "JAX backend: a directory where compiled "
-                    "XLA programs are kept, so a rerun with the same model and shapes skips compiling. auto: "
-                    "$JAX_COMPILATION_CACHE_DIR if set, else jax-compilation in ~/.cache/xray_tf (or $XRAY_TF_CACHE); "
-                    "none: off.")
+flags.DEFINE_string("compilation_cache", _DEFAULTS.compilation_cache, compile_cache.FLAG_HELP)
 # Several devices or hosts
 flags.DEFINE_enum("distribution", _DEFAULTS.distribution, list(config_lib.DISTRIBUTIONS),
                   "none: one device. mirrored: every GPU of this host (tf.distribute.MirroredStrategy, or "

@@ -72,7 +72,7 @@ def test_shapes_dtypes_and_step_count(index):
 
 
 def test_no_dataset_starts_the_autotune_thread(index):
-    """Freeing an autotuned iterator waits out its tuning thread's sleep: 24-33 s at the end of fit."""
+    """Freeing an autotuned iterator waits out its tuning thread's sleep: ~30 s when fit ends (BENCHMARKS.md)."""
     datasets = pipeline.build_datasets(index.frame, 4, small_settings())
     streams = [datasets.epochs(0, 2), datasets.epochs(0, 1, worker=1, workers=2, pieces=2),
                datasets.evaluation_share("val", workers=2, multiple=2), *datasets.evaluation.values(),

@@ -4,7 +4,7 @@ The run is started as a user would start it (a fresh process, imports included),
 recipe (``flags/common_paper.cfg``: 224 px, batch 32, 20 epochs) unless flags after ``--`` say
 otherwise. Random initial weights (``--weights=none``): the time per step does not depend on them,
 and no download is possible on the GPU host. Afterwards the script reads the run's
-``metrics.json`` and ``history.csv`` and prints one Markdown table row:
+``metrics.json`` and ``history.csv``, prints the history and one Markdown table row:
 
 - start-up: process start, imports, data index and model build (the wall time nothing else covers);
 - input: decoding, checking and caching every image once (``seconds.decode_and_cache``);
@@ -91,6 +91,8 @@ def main() -> None:
         wall, run_dir = time_run(args.model, args.data_dir, output_dir, f"bench_{args.model}_{cache}", cache_dir,
                                  args.extra_flags)
         parts = split_wall_time(wall, run_dir)
+        with open(os.path.join(run_dir, "history.csv")) as handle:  # the per-epoch record, into the log
+            print(handle.read(), flush=True)
         rows.append(f"| {args.model} | {cache} | {parts['epochs']} | {parts['total']:.1f} | {parts['start-up']:.1f} "
                     f"| {parts['input']:.1f} | {parts['compile']:.1f} | {parts['steps']:.1f} | {parts['after fit']:.1f} "
                     f"| {parts['finish']:.1f} | {parts['median_epoch']:.2f} |")

@@ -417,7 +417,7 @@ def test_epoch_backup_restores_weights_and_optimizer_state(tmp_path):
     x, y = np.random.default_rng(0).normal(size=(16, 3)), np.zeros((16, 2))
     trained = compiled()
     trained.fit(x, y, epochs=3, verbose=0, callbacks=[training.EpochBackup(str(tmp_path))])
-    assert os.listdir(tmp_path) == ["epoch-0003.weights.h5"]  # older backups removed
+    assert os.listdir(tmp_path) == ["epoch-0003.npz"]  # older backups removed
     restored = compiled()
     assert training.restore_backup(restored, str(tmp_path)) == 3
     assert len(trained.optimizer.variables) == len(restored.optimizer.variables) > 2
@@ -425,6 +425,27 @@ def test_epoch_backup_restores_weights_and_optimizer_state(tmp_path):
     for mine, theirs in pairs:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
     assert training.restore_backup(compiled(), str(tmp_path / "none")) == 0
+    older_format = tmp_path / "h5"  # what runs started before backups became .npz left behind
+    older_format.mkdir()
+    trained.save_weights(str(older_format / "epoch-0002.weights.h5"))
+    from_h5 = compiled()
+    assert training.restore_backup(from_h5, str(older_format)) == 2
+    np.testing.assert_array_equal(from_h5.get_weights()[0], trained.get_weights()[0])
+    wider = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5)])
+    wider.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    with pytest.raises(ValueError, match="epoch-0003.npz holds the training state of another model"):
+        training.restore_backup(wider, str(tmp_path))
+
+
+def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):
+    """The backup is written by a thread; its error must still reach the training thread."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(OSError):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 2)), epochs=2, verbose=0,
+                  callbacks=[training.EpochBackup(str(blocker / "backup"))])
 
 
 def test_an_epoch_is_the_same_batches_whenever_it_is_built(clean_dataset):

@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO_ROOT, run_module
+from conftest import REPO_ROOT
 from xray_tf import config as config_lib
 from xray_tf import distribution
 

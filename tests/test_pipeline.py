@@ -105,8 +105,8 @@ def test_sampler_none_sees_each_training_image_once_per_epoch(index):
 def test_worker_shares_and_replica_pieces_put_together_are_the_global_batches(index):
     datasets = pipeline.build_datasets(index.frame, 4, small_settings())
     whole = epoch(datasets)
-    shares = [[(i.numpy(), l.numpy()) for i, l in datasets.epochs(0, 1, worker, workers=2)] for worker in (0, 1)]
-    pieces = [(i.numpy(), l.numpy()) for i, l in datasets.epochs(0, 1, pieces=4)]
+    shares = [[(i.numpy(), y.numpy()) for i, y in datasets.epochs(0, 1, worker, workers=2)] for worker in (0, 1)]
+    pieces = [(i.numpy(), y.numpy()) for i, y in datasets.epochs(0, 1, pieces=4)]
     assert len(pieces) == 4 * len(whole) and all(len(p[0]) == 2 for p in pieces)
     for step, (images, labels) in enumerate(whole):
         assert np.array_equal(np.concatenate([shares[0][step][0], shares[1][step][0]]), images)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT, run_module, shared_data
+from conftest import run_module, shared_data
 from xray_tf import artifacts, data, models, pipeline
 
 TINY_RUN = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2",

@@ -8,7 +8,9 @@
 #   bash scripts/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
 #   steps: e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
 #          step_densenet121 pipeline
-# DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres.
+# DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
+# staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
+# and carry it in a call of its own (with c3 in the same call the tree was refused as over 64 MiB).
 set -uo pipefail
 data_dir=${1:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 out=${2:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}

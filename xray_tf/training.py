@@ -225,8 +225,9 @@ class EpochBackup(keras.callbacks.Callback):
         # One byte string, not hundreds of arrays: a writer thread that needs the GIL once per array
         # would crawl while the training loop holds it. Its buffer is reused (fresh pages cost time).
         parts = [array.reshape(-1).view(np.uint8) for array in arrays]
-        if self._joined is None or self._joined.size != sum(part.size for part in parts):
-            self._joined = np.empty(sum(part.size for part in parts), np.uint8)
+        size = sum(part.size for part in parts)
+        if self._joined is None or self._joined.size != size:
+            self._joined = np.empty(size, np.uint8)
         state = {"bytes": np.concatenate(parts, out=self._joined),
                  "dtypes": np.array([array.dtype.str for array in arrays]),
                  "ranks": np.array([array.ndim for array in arrays], np.int64),

@@ -12,7 +12,8 @@ and no download is possible on the GPU host. Afterwards the script reads the run
   train and validation steps) and fit's time before its first epoch (building the evaluation step);
 - steps: every epoch at the median epoch's pace (training steps, validation, callbacks, backups);
 - after fit: from the end of the last epoch until ``fit`` returns (Keras' teardown);
-- finish: reloading the best checkpoint, SavedModel export and the final per-split evaluation.
+- finish: writing ``model.keras`` from the best epoch's backup, SavedModel export and the final
+  per-split evaluation.
 
 The first run compiles into an empty ``--compilation_cache`` (a cold start, whatever the user's
 own cache holds); ``--warm_rerun`` then repeats the same run with that cache filled, which is

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -435,6 +436,36 @@ def test_epoch_backup_restores_weights_and_optimizer_state(tmp_path):
     wider.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
     with pytest.raises(ValueError, match="epoch-0003.npz holds the training state of another model"):
         training.restore_backup(wider, str(tmp_path))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])  # the latter wraps Adam in a LossScaleOptimizer
+def test_the_best_epochs_backup_is_kept_and_becomes_the_model_file(policy, tmp_path):
+    """Backups of the newest and the best epoch stay; ``write_best_model`` saves the best one's state."""
+    with training.global_dtype_policy(policy):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    backup_dir = str(tmp_path / "backup")
+    backup = training.EpochBackup(backup_dir)
+    backup.set_model(model)
+    backup.on_train_begin()
+    states = []
+    for epoch, val_loss in enumerate([3.0, 1.0, 2.0, math.nan, 4.0]):
+        model.layers[0].kernel.assign(np.full((3, 2), epoch, np.float32))
+        model.optimizer.iterations.assign(10 * epoch)
+        states.append([keras.ops.convert_to_numpy(v) for v in model.weights + model.optimizer.variables])
+        backup.on_epoch_end(epoch, {"val_loss": val_loss})
+        backup._wait()
+    backup.on_train_end()
+    assert backup.best_epoch == 2 and backup.best == 1.0
+    assert sorted(os.listdir(backup_dir)) == ["epoch-0002.npz", "epoch-0005.npz"]
+    path = str(tmp_path / "model.keras")
+    best = training.write_best_model(keras.saving.serialize_keras_object(model), policy, backup_dir, 2, path)
+    assert len(best.optimizer.variables) == len(model.optimizer.variables)
+    for expected, variable in zip(states[1], best.weights + best.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)
+    np.testing.assert_array_equal(models.load_model(path).get_weights()[0], states[1][0])
+    assert training.restore_backup(model, backup_dir) == 5  # resuming takes the newest
 
 
 def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):

@@ -164,16 +164,6 @@ def _jax_setup(name: str) -> Iterator[Setup]:
         yield Setup(name, len(devices), jax.process_count(), jax.process_index(), jax.process_index() == 0)
 
 
-def single_process() -> contextlib.AbstractContextManager:
-    """Within the block, new Keras variables live on this process only: for what the chief does alone.
-
-    Saving a model creates a throwaway optimizer variable; under a multi-process ``DataParallel``
-    creating a variable is a collective step that every process must join, so a save by the
-    chief alone would wait forever.
-    """
-    return _keras_distribution(None)
-
-
 @contextlib.contextmanager
 def _keras_distribution(value: keras.distribution.DataParallel | None) -> Iterator[None]:
     """Keras' global distribution set to ``value`` within the block, the previous one restored after."""

@@ -10,6 +10,7 @@ images. Only Keras 3 APIs are used here, so the same code runs on the TensorFlow
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterable, Iterator
 from typing import Callable
@@ -152,14 +153,23 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"xray_{model_name}")
 
 
-def load_model(path: str) -> keras.Model:
-    """Load a ``.keras`` file written by training, with ``safe_mode`` (no code runs from the file).
+# What a saved model names besides Keras' own classes: needed to rebuild it in any program.
+_CUSTOM_OBJECTS = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall}
 
-    The model uses ``XrayPreprocessing`` and the saved compile config names
-    ``metrics.ClassRecall``: both are named here so loading works in any program.
+
+def load_model(path: str) -> keras.Model:
+    """Load a ``.keras`` file written by training, with ``safe_mode`` (no code runs from the file)."""
+    return keras.saving.load_model(path, custom_objects=_CUSTOM_OBJECTS, safe_mode=True)
+
+
+def model_from_config(config: dict) -> keras.Model:
+    """The compiled model ``keras.saving.serialize_keras_object`` described, with fresh weights.
+
+    The same rebuild as ``load_model`` without a file: training uses it to write the best epoch's
+    ``.keras`` from a backup, on one device, without touching the model that trained.
     """
-    custom_objects = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall}
-    return keras.saving.load_model(path, custom_objects=custom_objects, safe_mode=True)
+    # Keras pops entries from the config it deserializes: a copy leaves the caller's intact.
+    return keras.saving.deserialize_keras_object(copy.deepcopy(config), custom_objects=_CUSTOM_OBJECTS, safe_mode=True)
 
 
 def predict_batches(model: keras.Model, batches: Iterable[np.ndarray], batch_size: int) -> np.ndarray:

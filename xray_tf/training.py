@@ -13,6 +13,7 @@ resumed run ends with the weights of an uninterrupted one.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -25,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import keras
@@ -120,27 +121,6 @@ def _save_atomic(save: Callable[[str], None], path: str) -> None:
         raise
 
 
-class BestCheckpoint(keras.callbacks.Callback):
-    """Saves the model to ``path`` whenever ``val_loss`` reaches a new minimum, atomically.
-
-    Unlike ``ModelCheckpoint`` it never leaves half a ``.keras`` file, and a resumed run starts
-    it from the best epoch so far (``best``, ``best_epoch``) rather than from infinity.
-    """
-
-    def __init__(self, path: str, best: float = math.inf, best_epoch: int | None = None):
-        super().__init__()
-        self.path = path
-        self.best = best
-        self.best_epoch = best_epoch  # 1-based; None until an epoch has a finite val_loss
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_loss")
-        if value is not None and float(value) < self.best:  # NaN is never less
-            with models.portable_batch_norm(self.model), distribution.single_process():  # loadable anywhere
-                _save_atomic(self.model.save, self.path)
-            self.best, self.best_epoch = float(value), epoch + 1
-
-
 class FitClock(keras.callbacks.Callback):
     """When ``fit`` began its first epoch and ended its last, to split a run's time (metrics.json)."""
 
@@ -187,6 +167,10 @@ def _backup_epoch(path: str) -> int:
     return int(re.search(r"epoch-(\d+)\.", os.path.basename(path)).group(1))
 
 
+def _backup_path(backup_dir: str, epoch: int) -> str:
+    return os.path.join(backup_dir, f"epoch-{epoch:04d}.npz")
+
+
 def _training_state(model: keras.Model) -> list[keras.Variable]:
     """What a backup holds: the model's weights (BatchNorm statistics included) and the optimizer's."""
     return model.weights + model.optimizer.variables
@@ -195,21 +179,30 @@ def _training_state(model: keras.Model) -> list[keras.Variable]:
 class EpochBackup(keras.callbacks.Callback):
     """After each epoch, weights and optimizer state as ``backup_dir/epoch-NNNN.npz``, written in the background.
 
+    Two backups are kept: the newest, to resume from, and the one of the epoch with the lowest
+    ``val_loss`` so far (``best_epoch``), from which ``write_best_model`` writes ``model.keras``
+    when training ends. Saving a ``.keras`` file inside each improving epoch cost a ResNet50 run
+    on a GPU 1.4-2.0 s per improvement (BENCHMARKS.md section 3); keeping a backup costs nothing more.
+
     Keras' ``BackupAndRestore`` writes its weights file in place and the epoch number into a
     second file, so a kill during the backup can leave a corrupt file or weights of one epoch
     labelled with another. Here one file holds both (the epoch is in its name) and appears by
-    rename, so the newest backup is always complete. An epoch stopped by ``StopOnNonFiniteLoss`` is
+    rename, so every backup on disk is complete. An epoch stopped by ``StopOnNonFiniteLoss`` is
     not backed up: resuming starts from the last finite weights.
 
     Writing a ResNet50 backup (270 MB with Adam's moments) took ~0.9 s, more than half of a 1.5 s
-    GPU epoch (BENCHMARKS.md section 3). So the epoch's state is copied to host memory here, which
-    is quick, and a thread writes it while the next epoch trains. One backup is in flight at a time:
-    the next one, and the end of training, wait for it and raise its error if it failed.
+    GPU epoch. So the epoch's state is copied to host memory here, which is quick, and a thread
+    writes it while the next epoch trains. One backup is in flight at a time: the next one, and
+    the end of training, wait for it and raise its error if it failed.
+
+    ``best`` and ``best_epoch`` (1-based) carry a resumed run's best epoch so far.
     """
 
-    def __init__(self, backup_dir: str):
+    def __init__(self, backup_dir: str, best: float = math.inf, best_epoch: int | None = None):
         super().__init__()
         self.backup_dir = backup_dir
+        self.best = best
+        self.best_epoch = best_epoch  # None until an epoch has a finite val_loss
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
         self._joined: np.ndarray | None = None  # free to refill once the previous backup is written
@@ -221,6 +214,9 @@ class EpochBackup(keras.callbacks.Callback):
         if self.model.stop_training:
             return
         self._wait()
+        val_loss = (logs or {}).get("val_loss")
+        if val_loss is not None and float(val_loss) < self.best:  # NaN is never less
+            self.best, self.best_epoch = float(val_loss), epoch + 1
         arrays = [ops.convert_to_numpy(variable) for variable in _training_state(self.model)]
         # One byte string, not hundreds of arrays: a writer thread that needs the GIL once per array
         # would crawl while the training loop holds it. Its buffer is reused (fresh pages cost time).
@@ -232,8 +228,10 @@ class EpochBackup(keras.callbacks.Callback):
                  "dtypes": np.array([array.dtype.str for array in arrays]),
                  "ranks": np.array([array.ndim for array in arrays], np.int64),
                  "dims": np.array([dim for array in arrays for dim in array.shape], np.int64)}
-        path = os.path.join(self.backup_dir, f"epoch-{epoch + 1:04d}.npz")
-        self._pending = self._writer.submit(self._write, path, state)
+        keep = {_backup_path(self.backup_dir, epoch + 1)}
+        if self.best_epoch is not None:
+            keep.add(_backup_path(self.backup_dir, self.best_epoch))
+        self._pending = self._writer.submit(self._write, _backup_path(self.backup_dir, epoch + 1), state, keep)
 
     def on_train_end(self, logs=None):
         self._wait()
@@ -244,11 +242,12 @@ class EpochBackup(keras.callbacks.Callback):
             pending, self._pending = self._pending, None
             pending.result()  # re-raises the writer's exception here, in the training thread
 
-    def _write(self, path: str, state: dict[str, np.ndarray]) -> None:
+    def _write(self, path: str, state: dict[str, np.ndarray], keep: set[str]) -> None:
         os.makedirs(self.backup_dir, exist_ok=True)
         _save_atomic(lambda temporary: np.savez(temporary, **state), path)
-        for older in _backups(self.backup_dir)[:-1]:
-            os.remove(older)
+        for older in _backups(self.backup_dir):
+            if older not in keep:
+                os.remove(older)
 
 
 def _split_state(joined: np.ndarray, dtypes: np.ndarray, ranks: np.ndarray, dims: np.ndarray) -> list[np.ndarray]:
@@ -263,24 +262,63 @@ def _split_state(joined: np.ndarray, dtypes: np.ndarray, ranks: np.ndarray, dims
     return arrays
 
 
+def _load_backup(model: keras.Model, path: str) -> None:
+    """Assign the training state backed up in ``path`` to compiled ``model``."""
+    if not model.optimizer.built:  # its variables must exist to be loaded; built twice, some duplicate
+        model.optimizer.build(model.trainable_variables)
+    if path.endswith(".weights.h5"):
+        model.load_weights(path)
+        return
+    variables = _training_state(model)
+    with np.load(path) as saved:
+        arrays = _split_state(saved["bytes"], saved["dtypes"], saved["ranks"], saved["dims"])
+    if [array.shape for array in arrays] != [tuple(variable.shape) for variable in variables]:
+        raise ValueError(f"{path} holds the training state of another model or optimizer; "
+                         f"delete {os.path.dirname(path)} to start the run afresh.")
+    for variable, array in zip(variables, arrays):
+        variable.assign(array)
+
+
 def restore_backup(model: keras.Model, backup_dir: str) -> int:
     """Load the newest ``EpochBackup`` into compiled ``model``; return its epoch (0: no backup)."""
     backups = _backups(backup_dir)
     if not backups:
         return 0
-    model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
-    if backups[-1].endswith(".weights.h5"):
-        model.load_weights(backups[-1])
-        return _backup_epoch(backups[-1])
-    variables = _training_state(model)
-    with np.load(backups[-1]) as saved:
-        arrays = _split_state(saved["bytes"], saved["dtypes"], saved["ranks"], saved["dims"])
-    if [array.shape for array in arrays] != [tuple(variable.shape) for variable in variables]:
-        raise ValueError(f"{backups[-1]} holds the training state of another model or optimizer; "
-                         f"delete {backup_dir} to start the run afresh.")
-    for variable, array in zip(variables, arrays):
-        variable.assign(array)
+    _load_backup(model, backups[-1])
     return _backup_epoch(backups[-1])
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` within the block, the previous one restored after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def write_best_model(model_config: dict, dtype_policy: str, backup_dir: str, best_epoch: int,
+                     path: str) -> keras.Model:
+    """Rebuild the model ``model_config`` describes, load epoch ``best_epoch``'s backup, save it as ``path``.
+
+    ``dtype_policy`` is the global policy the model was built and compiled under: a model's config
+    records its layers' policies, not that compiling under ``mixed_float16`` wrapped the optimizer
+    in a ``LossScaleOptimizer``, whose variables the backup holds too.
+
+    The rebuilt model lives on one device, whatever distribution trained the original. Runs
+    started before best epochs were kept as backups saved ``path`` themselves: without a backup
+    of ``best_epoch``, ``path`` is loaded as it is.
+    """
+    backup = next((found for found in _backups(backup_dir) if _backup_epoch(found) == best_epoch), None)
+    if backup is None:
+        return models.load_model(path)
+    with global_dtype_policy(dtype_policy):
+        model = models.model_from_config(model_config)
+    _load_backup(model, backup)
+    _save_atomic(model.save, path)
+    return model
 
 
 def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop: int,
@@ -427,7 +465,7 @@ def run(config: TrainConfig, verbose: int | str = "auto") -> str | None:
     config.validate()
     with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
         trained = _train(config, setup, verbose)
-    # The best model is reloaded outside the distribution: one device evaluates every image.
+    # The best model is rebuilt outside the distribution: one device evaluates every image.
     return _finish(config, trained) if trained else None
 
 
@@ -440,7 +478,8 @@ class _Trained:
     initial_epoch: int
     prepared: PreparedData
     datasets: pipeline.Datasets
-    checkpoint: BestCheckpoint
+    model_config: dict  # the trained model, serialized: rebuilt on one device for the best epoch
+    best_epoch: int
     epochs_run: int
     seconds: dict[str, float]
     details: dict  # recorded in metrics.json as they are
@@ -480,24 +519,20 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
         raise data.DataError(f"{prepared.data_dir}: no validation images, so no epoch can be chosen; every "
                              "class needs at least 2 training images (see --val_fraction).")
 
-    previous_policy = keras.config.dtype_policy()
     policy = _dtype_policy(config.mixed_precision)
-    keras.config.set_dtype_policy(policy)
-    try:
-        with setup.scope():  # model, optimizer and metric variables belong to the distribution
-            keras.utils.set_random_seed(config.seed)
-            model = models.build_model(config.model, len(class_names), config.image_size, config.weights,
-                                       config.dropout, config.chexnet_weights)
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate),
-                loss=loss,
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")]
-                + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
-                jit_compile=_jit_compile(config.jit_compile),
-            )
-            setup.prepare_model(model)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    # Model, optimizer and metric variables belong to the distribution.
+    with global_dtype_policy(policy), setup.scope():
+        keras.utils.set_random_seed(config.seed)
+        model = models.build_model(config.model, len(class_names), config.image_size, config.weights,
+                                   config.dropout, config.chexnet_weights)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=loss,
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")]
+            + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
+            jit_compile=_jit_compile(config.jit_compile),
+        )
+        setup.prepare_model(model)
 
     if resumed_dir:
         run_dir = resumed_dir
@@ -529,17 +564,16 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
         ),
         StopOnNonFiniteLoss(),  # before the callbacks that keep an epoch
     ]
-    checkpoint = None
+    backup = None
     if setup.is_chief:  # the others write nothing
         history_path = os.path.join(run_dir, "history.csv")
         restored_rows = read_history(history_path, initial_epoch)
         finite = [(row["val_loss"], row["epoch"]) for row in restored_rows
                   if math.isfinite(row.get("val_loss", math.nan))]
-        checkpoint = BestCheckpoint(os.path.join(run_dir, "model.keras"), *min(finite, default=(math.inf, None)))
+        backup = EpochBackup(backup_dir, *min(finite, default=(math.inf, None)))
         callbacks += [
-            checkpoint,
             HistoryCSV(history_path, datasets.images_per_epoch, restored_rows),
-            EpochBackup(backup_dir),  # last: an epoch is backed up only once its history row and checkpoint exist
+            backup,  # last: an epoch is backed up only once its history row exists
         ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -557,7 +591,7 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
         )
     if not setup.is_chief:
         return None
-    if checkpoint.best_epoch is None:
+    if backup.best_epoch is None:
         raise FloatingPointError(f"No epoch had a finite validation loss, so there is no model to keep. Lower "
                                  f"--learning_rate (it is {learning_rate:g}) or check the data.")
     details = {
@@ -566,7 +600,10 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
                          "learning_rate": learning_rate},
         "compilation_cache": compilation_cache,
     }
-    return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, checkpoint, epochs_run,
+    with models.portable_batch_norm(model):  # rebuilt on one device
+        model_config = keras.saving.serialize_keras_object(model)
+    return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, model_config, backup.best_epoch,
+                    epochs_run,
                     {"decode_and_cache": decode_seconds, "fit": fit_end - fit_start, **clock.split(fit_start, fit_end)},
                     details)
 
@@ -575,9 +612,10 @@ def _finish(config: TrainConfig, trained: _Trained) -> str:
     """Export the best epoch's model, evaluate it on every split, write ``metrics.json``."""
     run_dir, index, class_names = trained.run_dir, trained.prepared.index, trained.prepared.index.class_names
     final_start = time.perf_counter()
-    best = models.load_model(trained.checkpoint.path)
+    best = write_best_model(trained.model_config, trained.details["dtype_policy"], os.path.join(run_dir, BACKUP_DIR),
+                            trained.best_epoch, os.path.join(run_dir, "model.keras"))
     saved_model_path = os.path.join(run_dir, "saved_model")
-    if trained.resumed and os.path.isdir(saved_model_path):  # exported before the kill, from the same model.keras
+    if trained.resumed and os.path.isdir(saved_model_path):  # exported before the kill, from the same best epoch
         shutil.rmtree(saved_model_path)
     artifacts.export_saved_model(best, saved_model_path)
     split_reports = evaluate_splits(best, trained.datasets.evaluation, class_names, config.batch_size)
@@ -589,7 +627,7 @@ def _finish(config: TrainConfig, trained: _Trained) -> str:
         "classes": list(class_names),
         "images": {split: index.class_counts(split) for split in data.SPLITS},
         "excluded_rows": index.excluded,
-        "model_selection": {"monitor": "val_loss", "best_epoch": trained.checkpoint.best_epoch,
+        "model_selection": {"monitor": "val_loss", "best_epoch": trained.best_epoch,
                             "epochs_run": trained.epochs_run},
         "resumed_after_epoch": trained.initial_epoch if trained.resumed else None,
         **trained.details,
@@ -599,7 +637,7 @@ def _finish(config: TrainConfig, trained: _Trained) -> str:
     artifacts.write_json_atomic(os.path.join(run_dir, "metrics.json"), report)
     shutil.rmtree(os.path.join(run_dir, BACKUP_DIR), ignore_errors=True)  # complete: nothing left to resume
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in report["splits"].items())
-    logger.info("Best epoch %d of %d (by val_loss): %s", trained.checkpoint.best_epoch, trained.epochs_run, summary)
+    logger.info("Best epoch %d of %d (by val_loss): %s", trained.best_epoch, trained.epochs_run, summary)
     if trained.prepared.synthetic:
         logger.warning(SYNTHETIC_WARNING.format(path=trained.prepared.data_dir))
     return run_dir

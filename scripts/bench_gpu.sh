@@ -7,7 +7,7 @@
 #
 #   bash scripts/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
 #   steps: e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
-#          step_densenet121 pipeline
+#          step_densenet121 overhead_resnet50 pipeline
 # DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
 # staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
 # and carry it in a call of its own (with c3 in the same call the tree was refused as over 64 MiB).
@@ -15,7 +15,7 @@ set -uo pipefail
 data_dir=${1:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 out=${2:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 shift 2
-steps=${*:-e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 step_densenet121 pipeline}
+steps=${*:-e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 step_densenet121 overhead_resnet50 pipeline}
 mkdir -p "$out"
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # PyTorch shares the GPU
 
@@ -47,6 +47,9 @@ step e2e_densenet121_3ep 240 python3 scripts/bench_end_to_end.py --model=densene
   --output_dir=/tmp/runs3 -- --epochs=3
 step step_densenet121 100 python3 scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
+# Where a ResNet50 epoch at batch 32 goes: device steps, Keras' per-step host work or the pipeline.
+step overhead_resnet50 180 python3 scripts/bench_fit_overhead.py --data_dir="$data_dir" --model=resnet50 \
+  --precision=bfloat16
 # Section 1 on this host's cores: tf.data against a DataLoader with as many workers.
 step pipeline 120 python3 scripts/bench_pipeline.py --shared="$data_dir/.." --repeats=3
 exit 0

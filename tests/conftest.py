@@ -14,6 +14,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
+# Test files that use a costly session fixture run on one xdist worker, which builds it once;
+# every other file is a group of its own, as under --dist loadfile.
+_WORKER_GROUPS = {"test_scripts": "paper_results", "test_evaluate": "paper_results"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (--dist loadgroup, setup.cfg)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(_WORKER_GROUPS.get(module, module)))
+
+
 def shared_data(name: str) -> str:
     """Path of ``../shared/data/<name>``, or skip the test when this machine does not have it."""
     path = os.path.join(SHARED_DATA, name)

@@ -522,7 +522,7 @@ def test_interrupted_and_restored_training_ends_with_the_same_final_weights(clea
 def test_the_resume_mechanism_is_exact_on_jax_too():
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=", "-W", "ignore",
          f"{__file__}::test_interrupted_and_restored_training_ends_with_the_same_final_weights"],
         cwd=REPO_ROOT, env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600,
     )

@@ -6,7 +6,7 @@
 # command may run for at most 10 minutes on the lent machine; all steps together take longer).
 #
 #   bash scripts/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
-#   steps: e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
+#   steps: e2e_resnet50 step_resnet50 step_resnet50_tob step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
 #          step_densenet121 overhead_resnet50 pipeline
 # DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
 # staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
@@ -15,7 +15,7 @@ set -uo pipefail
 data_dir=${1:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 out=${2:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 shift 2
-steps=${*:-e2e_resnet50 step_resnet50 step_resnet50_b32 e2e_densenet121 step_densenet121 overhead_resnet50 pipeline}
+steps=${*:-e2e_resnet50 step_resnet50 step_resnet50_tob step_resnet50_b32 e2e_densenet121 step_densenet121 overhead_resnet50 pipeline}
 mkdir -p "$out"
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # PyTorch shares the GPU
 
@@ -36,6 +36,9 @@ step e2e_resnet50 300 python3 scripts/bench_end_to_end.py --model=resnet50 --dat
   --output_dir=/tmp/runs --warm_rerun
 step step_resnet50 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
+# The same with Keras driven by train_on_batch, which waits for every step (how rows before 2026-11-26 ran).
+step step_resnet50_tob 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=128 \
+  --precision=bfloat16 --steps=20 --repeats=3 --keras_loop=train_on_batch
 # The end-to-end batch size: the step time a 20-epoch run can at best reach.
 step step_resnet50_b32 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=32 \
   --precision=bfloat16 --steps=40 --repeats=3

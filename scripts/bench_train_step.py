@@ -8,6 +8,12 @@ alternate (Keras, PyTorch, Keras, ...) and the script prints the median images/s
 their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
 run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16``.
 
+Both sides queue their steps and wait for the device once per window, as a training loop does:
+PyTorch eager reads the loss after the last step only, and Keras trains with ``fit`` (on a
+resident batch repeated by tf.data; a window is the second of two epochs, so that ``fit``'s own
+set-up is not timed). ``--keras_loop=train_on_batch``, what this script used before, returns
+each step's loss as a NumPy value, so Keras waits for every step while PyTorch does not.
+
     python scripts/bench_train_step.py --model=resnet50 --image_size=96 --batch_size=16 --steps=5
 """
 
@@ -19,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from bench_fit_overhead import EpochClock  # this script's folder is on sys.path
 
 
 def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
@@ -32,11 +39,23 @@ def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarr
     model = models.build_model(args.model, 4, args.image_size, weights="none")
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(),
                   jit_compile=args.jit_compile)
+    if args.keras_loop == "train_on_batch":
+        return _timer("Keras", args, len(images), lambda: model.train_on_batch(images, labels),
+                      lambda loss: float(np.asarray(loss)))
 
-    def step():
-        return model.train_on_batch(images, labels)
+    import tensorflow as tf
 
-    return _timer("Keras", args, len(images), step, lambda loss: float(np.asarray(loss)))
+    batches = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    start = time.perf_counter()
+    model.fit(batches, steps_per_epoch=2, epochs=1, verbose=0, shuffle=False)
+    print(f"  Keras warm-up, 2 steps (compilation included): {time.perf_counter() - start:.1f} s", flush=True)
+    clock = EpochClock()
+
+    def images_per_second() -> float:
+        model.fit(batches, steps_per_epoch=args.steps, epochs=2, verbose=0, shuffle=False, callbacks=[clock])
+        return args.steps * len(images) / clock.seconds[-1]
+
+    return images_per_second
 
 
 def _timer(side: str, args: argparse.Namespace, batch_size: int, step: Callable, wait: Callable) -> Callable[[], float]:
@@ -141,6 +160,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--jit_compile", default="auto", help="Keras compile(jit_compile=...): auto, True or False")
+    parser.add_argument("--keras_loop", choices=["fit", "train_on_batch"], default="fit",
+                        help="how the Keras side is driven (see above)")
     args = parser.parse_args()
     args.jit_compile = {"true": True, "false": False}.get(args.jit_compile.lower(), "auto")
 
@@ -149,7 +170,8 @@ def main() -> None:
     images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, args.batch_size).astype(np.int32)
     print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
-          f"Keras backend {keras.backend.backend()}, {args.steps} steps x {args.repeats} alternating repeats", flush=True)
+          f"Keras backend {keras.backend.backend()} ({args.keras_loop}), {args.steps} steps x {args.repeats} "
+          "alternating repeats", flush=True)
     time_keras, time_torch = keras_trainer(args, images, labels), torch_trainer(args, images, labels)
     ours, theirs = [], []
     for repeat in range(args.repeats):
@@ -157,7 +179,8 @@ def main() -> None:
         theirs.append(time_torch())
         print(f"  repeat {repeat + 1}: Keras {ours[-1]:.1f} img/s, PyTorch {theirs[-1]:.1f} img/s", flush=True)
     keras_rate, torch_rate = statistics.median(ours), statistics.median(theirs)
-    print(f"| {args.model} | {args.image_size} | {args.batch_size} | {args.precision} | {keras.backend.backend()} "
+    print(f"| {args.model} | {args.image_size} | {args.batch_size} | {args.precision} | {keras.backend.backend()}, "
+          f"{args.keras_loop} "
           f"| {keras_rate:.1f} | {torch_rate:.1f} | {keras_rate / torch_rate:.2f} |")
 
 

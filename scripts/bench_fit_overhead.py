@@ -18,13 +18,22 @@ Reading the table (median epoch after the first, which compiles; validation is l
   conversion and copy to the device); ``tiny``/``pipeline`` adds the pipeline. When the floor is
   near ``MODEL``/``resident``, the host, not the device, sets the pace.
 
+With ``--profile_dir`` (JAX backend) one more pipeline epoch of the first model is traced with
+``jax.profiler`` and summarised: how much of the epoch each thread and each device stream was busy,
+and what kept the busiest ones busy. The trace stays in the folder for TensorBoard or Perfetto.
+
     python scripts/bench_fit_overhead.py --models=tiny                      # the host floor, any machine
-    KERAS_BACKEND=jax python3 scripts/bench_fit_overhead.py --data_dir=DATA --precision=bfloat16  # GPU
+    KERAS_BACKEND=jax python3 scripts/bench_fit_overhead.py --data_dir=DATA --precision=bfloat16 \
+        --profile_dir=OUT/profile                                           # on the GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
 import statistics
 import sys
@@ -75,6 +84,46 @@ def timed_fit(model: keras.Model, feed: tf.data.Dataset, steps: int, epochs: int
     return clock.seconds
 
 
+def _busy_microseconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: nested or overlapping events count once."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarise_trace(profile_dir: str, top: int = 5) -> None:
+    """Print each busy thread's share of the traced window and, for device threads, their longest events."""
+    path = max(glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")),
+               key=os.path.getmtime)
+    with gzip.open(path) as handle:
+        events = json.load(handle)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {(event["pid"], event.get("tid")): event["args"]["name"] for event in events
+             if event.get("ph") == "M" and event.get("name") in ("process_name", "thread_name")}
+    spans = [event for event in events if event.get("ph") == "X" and "dur" in event]
+    window = max(e["ts"] + e["dur"] for e in spans) - min(e["ts"] for e in spans)
+    by_thread = collections.defaultdict(list)
+    for event in spans:
+        by_thread[event["pid"], event["tid"]].append(event)
+    print(f"\ntrace {path}: {window / 1e6:.2f} s\n\n| process | thread | busy s | busy % | longest events (total ms) |")
+    print("|---|---|---|---|---|")
+    for (pid, tid), thread_events in sorted(by_thread.items()):
+        busy = _busy_microseconds([(e["ts"], e["ts"] + e["dur"]) for e in thread_events])
+        if busy < 0.01 * window:
+            continue
+        process = names.get((pid, None), str(pid))
+        longest = ""
+        if "host" not in process.lower():  # a device's streams and lines: what they ran
+            totals = collections.Counter()
+            for event in thread_events:
+                totals[event["name"]] += event["dur"]
+            longest = "; ".join(f"{name[:60]} ({duration / 1e3:.0f})" for name, duration in totals.most_common(top))
+        print(f"| {process} | {names.get((pid, tid), tid)} | {busy / 1e6:.2f} | {100 * busy / window:.0f} | {longest} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=os.path.join(REPO_ROOT, "..", "shared", "data", "coronahack"))
@@ -85,7 +134,10 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--epochs", type=int, default=4, help="per model and feed; the first is left out")
     parser.add_argument("--steps", type=int, default=0, help="steps per epoch (0: a whole epoch of the split)")
+    parser.add_argument("--profile_dir", help="trace one more pipeline epoch of the first model here (JAX)")
     args = parser.parse_args()
+    if args.profile_dir and keras.backend.backend() != "jax":
+        parser.error("--profile_dir traces with jax.profiler: run with KERAS_BACKEND=jax")
 
     index = data.load_index(args.data_dir)
     settings = pipeline.PipelineSettings(image_size=args.image_size, batch_size=args.batch_size)
@@ -99,7 +151,7 @@ def main() -> None:
     if args.precision != "float32":
         keras.config.set_dtype_policy(f"mixed_{args.precision}")
     rows = []
-    for which in args.models.split(","):
+    for position, which in enumerate(args.models.split(",")):
         model = (models.build_model(args.model, len(index.class_names), args.image_size, "none", 0.0, None)
                  if which == "model" else tiny_model(args.image_size, len(index.class_names)))
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
@@ -108,6 +160,14 @@ def main() -> None:
             median = statistics.median(seconds[1:])
             print(f"{model.name} {feed_name}: epochs {' '.join(f'{s:.2f}' for s in seconds)} s", flush=True)
             rows.append((model.name, feed_name, median, 1000 * median / steps, steps * args.batch_size / median))
+        if args.profile_dir and position == 0:
+            import jax
+
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0  # tracing every Python call would slow the host loop it measures
+            with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True, profiler_options=options):
+                timed_fit(model, feeds["pipeline"](), steps, 1)
+            summarise_trace(args.profile_dir)
     print(f"\n{keras.backend.backend()} backend, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
           f"{steps} steps per epoch, median of epochs 2-{args.epochs}\n")
     print("| model | feed | epoch s | ms per step | img/s |\n|---|---|---|---|---|")

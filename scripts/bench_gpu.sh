@@ -51,8 +51,9 @@ step e2e_densenet121_3ep 240 python3 scripts/bench_end_to_end.py --model=densene
 step step_densenet121 100 python3 scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
 # Where a ResNet50 epoch at batch 32 goes: device steps, Keras' per-step host work or the pipeline.
+# Then one epoch traced with jax.profiler: how busy the GPU's streams were and with what.
 step overhead_resnet50 180 python3 scripts/bench_fit_overhead.py --data_dir="$data_dir" --model=resnet50 \
-  --precision=bfloat16
+  --precision=bfloat16 --profile_dir="$out/profile"
 # Section 1 on this host's cores: tf.data against a DataLoader with as many workers.
 step pipeline 120 python3 scripts/bench_pipeline.py --shared="$data_dir/.." --repeats=3
 exit 0

@@ -132,6 +132,12 @@ def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset
     assert metrics["compilation_cache"] == str(cache)
     cached = os.listdir(cache)
     assert {"train_step", "test_step", "predict_step"} <= {name.split("-")[0].removeprefix("jit_") for name in cached}
+    # Exported through jax2tf without the model's gradient (artifacts.export_saved_model): it still serves.
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
+    loaded = tf.saved_model.load(str(run_dir / "saved_model"))  # kept: its variables die with it
+    served = loaded.serve(tf.constant(images)).numpy()
+    expected = models.load_model(str(run_dir / "model.keras")).predict(images, verbose=0)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
 def test_short_run_on_real_coronahack(tmp_path):

@@ -60,10 +60,14 @@ def export_saved_model(model: keras.Model, path: str) -> None:
     The serving signature takes uint8 images ``[batch, H, W, 1 or 3]`` and returns class
     probabilities; loading it needs only TensorFlow (``tf.saved_model.load``), not xray_tf.
     """
+    # On JAX, Keras converts the model with jax2tf, by default with its gradient, which saving then
+    # traces and stores: more than half of a ResNet50 export's time (BENCHMARKS.md section 3) for
+    # a serving signature that nobody differentiates.
+    options = {"jax2tf_kwargs": {"with_gradient": False}} if keras.backend.backend() == "jax" else {}
     parent = os.path.dirname(os.path.abspath(path))
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
-        model.export(staging, format="tf_saved_model", verbose=False)
+        model.export(staging, format="tf_saved_model", verbose=False, **options)
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

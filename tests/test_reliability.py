@@ -468,6 +468,18 @@ def test_the_best_epochs_backup_is_kept_and_becomes_the_model_file(policy, tmp_p
     assert training.restore_backup(model, backup_dir) == 5  # resuming takes the newest
 
 
+def test_a_run_resumed_from_an_older_version_keeps_the_model_file_it_wrote(tmp_path):
+    """Older versions saved ``model.keras`` at each new best epoch and kept no backup of it."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    (tmp_path / "backup").mkdir()
+    loaded = training.write_best_model(keras.saving.serialize_keras_object(model), "float32",
+                                       str(tmp_path / "backup"), 2, path)
+    np.testing.assert_array_equal(loaded.get_weights()[0], model.get_weights()[0])
+
+
 def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):
     """The backup is written by a thread; its error must still reach the training thread."""
     blocker = tmp_path / "a_file"

@@ -22,8 +22,7 @@ _WORKER_GROUPS = {"test_scripts": "paper_results", "test_evaluate": "paper_resul
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (--dist loadgroup, setup.cfg)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(_WORKER_GROUPS.get(module, module)))
+        item.add_marker(pytest.mark.xdist_group(_WORKER_GROUPS.get(item.path.stem, item.path.stem)))
 
 
 def shared_data(name: str) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from bench_fit_overhead import EpochClock  # this script's folder is on sys.path
+from bench_fit_overhead import timed_fit  # this script's folder is on sys.path
 
 
 def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
@@ -47,13 +47,11 @@ def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarr
 
     batches = tf.data.Dataset.from_tensors((images, labels)).repeat()
     start = time.perf_counter()
-    model.fit(batches, steps_per_epoch=2, epochs=1, verbose=0, shuffle=False)
+    timed_fit(model, batches, steps=2, epochs=1)
     print(f"  Keras warm-up, 2 steps (compilation included): {time.perf_counter() - start:.1f} s", flush=True)
-    clock = EpochClock()
 
     def images_per_second() -> float:
-        model.fit(batches, steps_per_epoch=args.steps, epochs=2, verbose=0, shuffle=False, callbacks=[clock])
-        return args.steps * len(images) / clock.seconds[-1]
+        return args.steps * len(images) / timed_fit(model, batches, args.steps, epochs=2)[-1]
 
     return images_per_second
 

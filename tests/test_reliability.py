@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import io
 import json
 import math
@@ -556,8 +555,8 @@ def _train_process(data_dir: str, output_dir: str, run_name: str, log: str) -> s
 
 def _newest_backup(run_dir: str) -> int:
     """The newest epoch backed up in ``run_dir`` (0: none); files still being written have other names."""
-    names = glob.glob(os.path.join(run_dir, training.BACKUP_DIR, "epoch-*.npz"))
-    return max((int(os.path.basename(name)[6:10]) for name in names), default=0)
+    backups = training._backups(os.path.join(run_dir, training.BACKUP_DIR))
+    return training._backup_epoch(backups[-1]) if backups else 0
 
 
 def _history_rows(run_dir: str) -> int:

@@ -48,6 +48,17 @@ def test_decode_any_mode_depth_and_size(tmp_path):
             assert row[0] < 20 and row[-1] > 235 and np.all(np.diff(row) >= -2), name
 
 
+@pytest.mark.parametrize("shape", [(301, 227, 1), (90, 250, 1), (260, 333, 3), (64, 64, 1)])
+def test_resize_one_axis_at_a_time_gives_tf_image_resize_pixels(shape):
+    """The row-then-column resize is the same antialiased bilinear filter as tf.image.resize,
+    downscaling and upscaling, grey and colour; a square of the target size is kept as it is."""
+    image = tf.constant(np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8))
+    ours = pipeline._resize(image, 64).numpy()
+    reference = tf.image.resize(image, (64, 64), method="bilinear", antialias=True).numpy()
+    assert ours.shape == (64, 64, shape[2])
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+
+
 def test_decode_real_full_resolution_files():
     paths = sorted(glob.glob(os.path.join(shared_data("fullres"), "images", "*")))
     assert len(paths) == 40

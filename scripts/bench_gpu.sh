@@ -8,6 +8,7 @@
 #   bash scripts/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
 #   steps: e2e_resnet50 step_resnet50 step_resnet50_tob step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
 #          step_densenet121 overhead_resnet50 pipeline
+#          step_densenet121_autotune1 step_densenet121_autotune0 (these two only when named)
 # DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
 # staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
 # and carry it in a call of its own (with c3 in the same call the tree was refused as over 64 MiB).
@@ -50,6 +51,14 @@ step e2e_densenet121_3ep 240 python3 scripts/bench_end_to_end.py --model=densene
   --output_dir=/tmp/runs3 -- --epochs=3
 step step_densenet121 100 python3 scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
+# DenseNet121's compile (63 s for the train step alone, 101 s in a cold run) with less convolution
+# autotuning: XLA's default level 4 times every candidate algorithm on initialised, checked buffers;
+# level 1 times them on uninitialised buffers, level 0 does not time them. Compile time against img/s.
+for level in 1 0; do
+  step step_densenet121_autotune$level 100 env XLA_FLAGS="--xla_gpu_autotune_level=$level" python3 \
+    scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 --precision=bfloat16 \
+    --steps=20 --repeats=3
+done
 # Where a ResNet50 epoch at batch 32 goes: device steps, Keras' per-step host work or the pipeline.
 # Then one epoch traced with jax.profiler: how busy the GPU's streams were and with what.
 step overhead_resnet50 180 python3 scripts/bench_fit_overhead.py --data_dir="$data_dir" --model=resnet50 \

@@ -228,10 +228,9 @@ class EpochBackup(keras.callbacks.Callback):
                  "dtypes": np.array([array.dtype.str for array in arrays]),
                  "ranks": np.array([array.ndim for array in arrays], np.int64),
                  "dims": np.array([dim for array in arrays for dim in array.shape], np.int64)}
-        keep = {_backup_path(self.backup_dir, epoch + 1)}
-        if self.best_epoch is not None:
-            keep.add(_backup_path(self.backup_dir, self.best_epoch))
-        self._pending = self._writer.submit(self._write, _backup_path(self.backup_dir, epoch + 1), state, keep)
+        path = _backup_path(self.backup_dir, epoch + 1)
+        keep = {path} if self.best_epoch is None else {path, _backup_path(self.backup_dir, self.best_epoch)}
+        self._pending = self._writer.submit(self._write, path, state, keep)
 
     def on_train_end(self, logs=None):
         self._wait()
@@ -602,8 +601,8 @@ def _train(config: TrainConfig, setup: distribution.Setup, verbose: int | str) -
     }
     with models.portable_batch_norm(model):  # rebuilt on one device
         model_config = keras.saving.serialize_keras_object(model)
-    return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, model_config, backup.best_epoch,
-                    epochs_run,
+    return _Trained(run_dir, bool(resumed_dir), initial_epoch, prepared, datasets, model_config,
+                    backup.best_epoch, epochs_run,
                     {"decode_and_cache": decode_seconds, "fit": fit_end - fit_start, **clock.split(fit_start, fit_end)},
                     details)
 

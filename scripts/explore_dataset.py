@@ -15,14 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import numpy as np
+import pandas as pd
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from xray_tf import data, pipeline, plots  # noqa: E402
-from xray_tf.config import TrainConfig  # noqa: E402
+from xray_tf import data, decode, plots
+from xray_tf.config import TrainConfig
 
 SAMPLES_PER_CLASS = 2
 _DEFAULTS = TrainConfig()
@@ -53,7 +51,7 @@ def samples_and_histograms(
     samples = {name: [] for name in class_names}
     counts = {name: np.zeros(256, dtype=np.int64) for name in class_names}
     images_per_class = dict.fromkeys(class_names, 0)
-    for image, label in pipeline.decoded_dataset(frame, image_size).prefetch(8):
+    for image, label in decode.decoded_dataset(frame, image_size).prefetch(8):
         name = class_names[int(label)]
         pixels = image.numpy()[..., 0]
         if len(samples[name]) < SAMPLES_PER_CLASS:

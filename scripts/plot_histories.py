@@ -2,7 +2,7 @@
 
 Accuracy and loss against epoch for each run, train solid and validation dashed, one colour per run,
 named by its directory. It reads nothing but ``history.csv`` (epoch, loss, accuracy, val_loss,
-val_accuracy), so it works on runs of older versions too. A RUN_DIR may also be a folder of runs.
+val_accuracy). A RUN_DIR may also be a folder of runs.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from xray_tf import plots, reports  # noqa: E402
+from xray_tf import plots, rundir
 
 _OUT = flags.DEFINE_string("out", None, "PNG file to write.", required=True)
 _TITLE = flags.DEFINE_string("title", None, "Figure title (default: none).")
@@ -24,8 +22,8 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("Give one or more run directories (or folders of runs).")
     try:
-        run_dirs = reports.find_runs(argv[1:])
-        histories = {os.path.basename(os.path.normpath(d)): reports.read_history(d) for d in run_dirs}
+        run_dirs = rundir.find_runs(argv[1:])
+        histories = {os.path.basename(os.path.normpath(d)): rundir.read_history(d) for d in run_dirs}
         if len(histories) < len(run_dirs):
             raise ValueError("Two runs share a directory name; the legend could not tell them apart.")
         plots.save(plots.history_figure(histories, _TITLE.value), _OUT.value)

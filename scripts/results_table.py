@@ -10,7 +10,7 @@ Writes
 * ``PREFIX.csv``: the same per experiment as fractions: ``<metric>_mean``, ``_std``, ``_n``;
 * ``PREFIX_runs.csv``: every run's own numbers and the file each split's numbers came from.
 
-Accuracies come from ``metrics_<split>.json`` (python -m xray_tf.evaluate) where present, else from
+Accuracies come from ``metrics_<split>.json`` (xray-evaluate) where present, else from
 the run's ``metrics.json``; the paper's metric from ``history.csv``.
 """
 
@@ -19,11 +19,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from xray_tf import artifacts, reports  # noqa: E402
+from xray_tf import reports, rundir
 
 _OUT = flags.DEFINE_string("out", None, "Output prefix: writes PREFIX.md, PREFIX.csv and PREFIX_runs.csv.",
                            required=True)
@@ -35,9 +33,9 @@ def write_tables(run_dirs: list[str], out_prefix: str) -> str:
     markdown = reports.markdown_table(table)
     directory = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(directory, exist_ok=True)
-    artifacts.write_text_atomic(out_prefix + ".md", markdown)
-    artifacts.write_text_atomic(out_prefix + ".csv", table.to_csv(index=False))
-    artifacts.write_text_atomic(out_prefix + "_runs.csv", runs.to_csv(index=False))
+    rundir.write_text(out_prefix + ".md", markdown)
+    rundir.write_text(out_prefix + ".csv", table.to_csv(index=False))
+    rundir.write_text(out_prefix + "_runs.csv", runs.to_csv(index=False))
     return markdown
 
 
@@ -45,7 +43,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("Give one or more run directories (or folders of runs).")
     try:
-        markdown = write_tables(reports.find_runs(argv[1:]), _OUT.value)
+        markdown = write_tables(rundir.find_runs(argv[1:]), _OUT.value)
     except (ValueError, OSError) as error:  # RunError is a ValueError
         sys.exit(f"results_table: error: {error}")
     print(markdown)

@@ -4,7 +4,7 @@ Reproduces the paper's experiments in one command: each flagfile ``flags/<name>.
 Table 1 experiments (prce, prcw, prfl, pdcxce, pdcxfl, rce) is trained once per seed, each run is
 evaluated, and the table and figures are written, all into one results directory::
 
-    DIR/<name>_seed<S>/           a run directory (python -m xray_tf.train), evaluated on --evaluate_splits
+    DIR/<name>_seed<S>/           a run directory (xray-train), evaluated on --evaluate_splits
     DIR/<name>_extra_seed<S>/     with --with_extra: the same plus --extra_data (the paper's Table 2)
     DIR/logs/<run>.log            the output of that run's commands
     DIR/table.md, .csv, _runs.csv scripts/results_table.py over every run
@@ -19,8 +19,9 @@ Train flags after ``--`` are appended after the flagfile and so override it, e.g
 Before the first run starts, everything that can be checked is: the flagfiles exist, every CheXNet
 experiment has its --chexnet_weights file (or, with --skip_missing_chexnet, is skipped and listed),
 and no earlier, unfinished run is in the way. A run whose directory already holds metrics.json is
-not run again, so a sweep that was stopped continues where it stopped. Run it from the repository
-root so that relative paths in the flagfiles resolve as they do for python -m xray_tf.train.
+not run again, so a sweep that was stopped continues where it stopped. The flagfiles are the
+installed ones (``xray-train --experiment=NAME``) unless --flags_dir names others; a relative
+--chexnet_weights is read from the working directory, as xray-train reads it.
 """
 
 from __future__ import annotations
@@ -31,18 +32,17 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # run from a checkout
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from xray_tf import reports, synthetic  # noqa: E402
+from xray_tf import reports, rundir, synthetic
+from xray_tf.config import FLAGS_DIR, TrainConfig
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Folder for every run, log, table and figure.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each experiment is trained once per seed.")
 _EXPERIMENTS = flags.DEFINE_list("experiments", list(reports.PAPER_EXPERIMENTS),
                                  "Flagfile names in --flags_dir to run (default: the paper's six).")
-_FLAGS_DIR = flags.DEFINE_string("flags_dir", os.path.join(REPO_ROOT, "flags"), "Folder of <name>.cfg flagfiles.")
+_FLAGS_DIR = flags.DEFINE_string("flags_dir", FLAGS_DIR, "Folder of <name>.cfg flagfiles (default: the installed "
+                                 "ones, the repository's flags/).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "CoronaHack folder; omitted: the trainer's synthetic dataset.")
 _EXTRA_DATA = flags.DEFINE_string("extra_data", None,
                                   "Extra COVID-19 images (metadata.csv, images/), for --with_extra.")
@@ -65,24 +65,6 @@ class Run:
     extra: bool
     train_args: list[str]
     skip_reason: str | None = None
-
-
-def effective_flags(args: list[str]) -> dict[str, str]:
-    """The value each train flag ends up with: later ``--name=value`` wins, ``--flagfile`` read in place."""
-    values: dict[str, str] = {}
-    for arg in args:
-        name, _, value = arg.lstrip("-").partition("=")
-        if name == "flagfile":
-            try:
-                with open(value) as handle:
-                    lines = [line.strip() for line in handle]
-            except FileNotFoundError:
-                raise ValueError(f"--flagfile={value}: no such file (a relative path is read from the current "
-                                 "directory, as python -m xray_tf.train does: run from the repository root).") from None
-            values.update(effective_flags([line for line in lines if line and not line.startswith("#")]))
-        else:
-            values[name] = value
-    return values
 
 
 def plan_runs(overrides: list[str]) -> list[Run]:
@@ -124,16 +106,16 @@ def plan_runs(overrides: list[str]) -> list[Run]:
                 args = [f"--flagfile={flagfile}", *data_args, *extra_args, *overrides,
                         f"--seed={seed}", f"--output_dir={results_dir}", f"--run_name={name}"]
                 run = Run(name, seed, extra, args)
-                settings = effective_flags(args)
-                weights = settings.get("chexnet_weights")
-                if settings.get("model") == "densenet_chexnet" and not (weights and os.path.isfile(weights)):
-                    reason = f"--chexnet_weights={weights!r} is not a file (convert CheXNet: python -m xray_tf.chexnet)"
+                settings = TrainConfig.from_args(args)
+                weights = settings.chexnet_weights
+                if settings.model == "densenet_chexnet" and not (weights and os.path.isfile(weights)):
+                    reason = f"--chexnet_weights={weights!r} is not a file (convert CheXNet: xray-convert-chexnet)"
                     if not _SKIP_MISSING_CHEXNET.value:
                         problems.append(f"{name}: {reason}; or pass --skip_missing_chexnet.")
                     run.skip_reason = reason
                 run_dir = os.path.join(results_dir, name)
-                if os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-                    problems.append(f"{run_dir} exists but is unfinished (no metrics.json): delete it to run again.")
+                if os.path.isdir(run_dir) and not rundir.is_finished(run_dir):
+                    problems.append(f"{run_dir} exists but is unfinished (no {rundir.METRICS}): delete it to run again.")
                 runs.append(run)
     if problems:
         raise ValueError("Nothing was run:\n  " + "\n  ".join(problems))
@@ -145,9 +127,7 @@ def _run_logged(command: list[str], log_path: str) -> None:
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        python_path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
-        environment = {**os.environ, "PYTHONPATH": python_path}
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:
         with open(log_path) as log:
             tail = "".join(log.readlines()[-25:])
@@ -158,13 +138,13 @@ def _work(run: Run, results_dir: str) -> tuple[bool, list[str]]:
     """Whether ``run`` still needs training, and the evaluations it still lacks (so a stopped sweep resumes)."""
     run_dir = os.path.join(results_dir, run.name)
     train = not os.path.isdir(run_dir)  # plan_runs refused unfinished run directories
-    evaluated = {s for s in _EVALUATE_SPLITS.value if os.path.isfile(os.path.join(run_dir, f"metrics_{s}.json"))}
+    evaluated = {s for s in _EVALUATE_SPLITS.value if os.path.isfile(os.path.join(run_dir, rundir.metrics_of_split(s)))}
     splits = [s for s in _EVALUATE_SPLITS.value if train or s not in evaluated]
     return train, splits
 
 
 def _script(name: str) -> list[str]:
-    return [sys.executable, os.path.join(REPO_ROOT, "scripts", name)]
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
 
 
 def main(argv: list[str]) -> None:
@@ -186,7 +166,7 @@ def main(argv: list[str]) -> None:
             status = f"trained already; to evaluate on {', '.join(missing)}" if missing else "done already"
         print(f"{run.name}: {status}")
         if _DRY_RUN.value and run.name in work and work[run.name][0]:
-            print("  python -m xray_tf.train " + " ".join(run.train_args))
+            print("  xray-train " + " ".join(run.train_args))
     if _DRY_RUN.value:
         return
 
@@ -203,7 +183,7 @@ def main(argv: list[str]) -> None:
                 _run_logged([sys.executable, "-m", "xray_tf.train", *run.train_args], log_path)
             for split in splits:
                 run_dir = os.path.join(results_dir, run.name)
-                _run_logged([sys.executable, "-m", "xray_tf.evaluate", f"--run_dir={run_dir}", f"--split={split}",
+                _run_logged([sys.executable, "-m", "xray_tf", "evaluate", f"--run_dir={run_dir}", f"--split={split}",
                              *data_args], log_path)
             print(f"[{number}/{len(todo)}] {run.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -222,8 +202,8 @@ def main(argv: list[str]) -> None:
                 _run_logged([*_script("plot_histories.py"), *group, f"--out={os.path.join(figures, name)}"],
                             report_log)
         data_dir = os.path.abspath(_DATA_DIR.value) if _DATA_DIR.value else synthetic.default_dataset_dir()
-        settings = effective_flags(finished[0].train_args)  # the split of the first run, as training made it
-        split_args = [f"--{name}={settings[name]}" for name in ("task", "val_fraction", "seed") if name in settings]
+        settings = TrainConfig.from_args(finished[0].train_args)  # the split of the first run, as training made it
+        split_args = [f"--task={settings.task}", f"--val_fraction={settings.val_fraction}", f"--seed={settings.seed}"]
         _run_logged([*_script("explore_dataset.py"), f"--data_dir={data_dir}", *split_args, f"--out_dir={figures}"],
                     report_log)
     except RuntimeError as error:

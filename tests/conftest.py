@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(_WORKER_GROUPS.get(item.path.stem, item.path.stem)))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Keras' TensorFlow backend converts tensors with np.array(x), which NumPy 2 reports on every
+    # call (thousands per run) because TensorFlow's __array__ takes no copy argument: neither is
+    # this project's code, and the flood would hide the warnings that are.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword"
+                            ":DeprecationWarning:keras.src.backend.tensorflow.core")
+
+
 def shared_data(name: str) -> str:
     """Path of ``../shared/data/<name>``, or skip the test when this machine does not have it."""
     path = os.path.join(SHARED_DATA, name)
@@ -51,6 +59,16 @@ def tiny_dataset(tmp_path_factory) -> str:
     """A small synthetic CoronaHack-layout dataset (all four classes, TRAIN and TEST)."""
     out = tmp_path_factory.mktemp("data") / "coronahack"
     return synthetic.write_dataset(str(out), num_train=80, num_test=24, seed=1, min_size=40, max_size=72)
+
+
+@pytest.fixture(scope="session")
+def clean_dataset(tmp_path_factory) -> str:
+    """A tinier CoronaHack-layout dataset: 30 TRAIN images (12 Bacteria) and 24 TEST images.
+
+    For the many short runs of test_training and test_checkpoint; tests that damage it copy it first.
+    """
+    out = tmp_path_factory.mktemp("clean") / "coronahack"
+    return synthetic.write_dataset(str(out), num_train=24, num_test=8, seed=7, min_size=40, max_size=64)
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from xray_tf import compile_cache
-from xray_tf.config import TrainConfig
+from xray_tf.config import ConfigError, TrainConfig
 
 COMPILE_ONCE = """
 import sys
@@ -27,6 +27,7 @@ def _compile_in_new_process(setting: str, env: dict) -> subprocess.CompletedProc
                                                        **env})
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_program_the_first_compiled(tmp_path):
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
     directory = str(tmp_path / "xla")
@@ -50,5 +51,5 @@ def test_the_tensorflow_backend_caches_nothing(tmp_path):
 def test_an_unusable_cache_directory_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ValueError, match=r"--compilation_cache='.*file/xla' cannot be created: .* is a file"):
+    with pytest.raises(ConfigError, match=r"^compilation_cache='.*file/xla': cannot be created: .* is a file"):
         TrainConfig(compilation_cache=str(blocker / "xla"), output_dir=str(tmp_path / "runs")).validate()

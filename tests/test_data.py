@@ -6,9 +6,10 @@ import os
 
 import pandas as pd
 import pytest
-
 from conftest import shared_data
+
 from xray_tf import data
+from xray_tf.config import ConfigError
 
 # (name, Label, Label_2_Virus_category, Label_1_Virus_category, expected fine class)
 LABEL_CASES = [
@@ -76,7 +77,7 @@ def test_tasks_map_and_exclude_classes(tmp_path):
     pneumonia = data.load_index(root, task="normal_vs_pneumonia")
     assert pneumonia.class_names == ("Normal", "Pneumonia")
     assert pneumonia.frame["label"].value_counts().to_dict() == {"Pneumonia": 12, "Normal": 4}
-    with pytest.raises(ValueError, match="--task='three_class'"):
+    with pytest.raises(ConfigError, match="^task='three_class': not one of"):
         data.load_index(root, task="three_class")
 
 

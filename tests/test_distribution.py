@@ -3,7 +3,7 @@
 Devices are made on the CPU: two logical CPU devices for TensorFlow
 (``tf.config.set_logical_device_configuration``), two host devices for JAX
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, used by the JAX run of test_train_cli).
-Both must be set before the framework starts, so every test runs its training in a fresh process.
+Both must be set before the framework starts, so every test that trains does so in a fresh process.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
+
 from xray_tf import config as config_lib
-from xray_tf import distribution
+from xray_tf import data, distribution, pipeline
 
 TINY_FLAGS = ("--weights=none", "--image_size=32", "--batch_size=8", "--epochs=1", "--rotation_prob=0.3")
 
@@ -71,11 +72,46 @@ import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from absl import flags
-from xray_tf import train, training
-flags.FLAGS(["train", *sys.argv[1:]])
-print("RUN", training.run(train.config_from_flags(), verbose=0))
+from xray_tf import training
+from xray_tf.config import TrainConfig
+print("RUN", training.run(TrainConfig.from_args(sys.argv[1:]), verbose=0))
 """
+
+
+@pytest.fixture(scope="module")
+def datasets(tiny_dataset) -> pipeline.Datasets:
+    """Batches of 8 at 32 px over the tiny dataset, its images decoded."""
+    index = data.load_index(tiny_dataset, val_fraction=0.2)
+    datasets = pipeline.build_datasets(index.frame, 4, pipeline.PipelineSettings(image_size=32, batch_size=8))
+    pipeline.fill_caches(datasets)
+    return datasets
+
+
+def _arrays(dataset) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(images.numpy(), labels.numpy()) for images, labels in dataset]
+
+
+def test_worker_shares_and_replica_pieces_put_together_are_the_global_batches(datasets):
+    whole = _arrays(datasets.epochs(0, 1))
+    shares = [_arrays(distribution.share_of_batches(datasets.epochs(0, 1), 8, worker, workers=2)) for worker in (0, 1)]
+    pieces = _arrays(distribution.share_of_batches(datasets.epochs(0, 1), 8, pieces=4))
+    assert len(pieces) == 4 * len(whole) and all(len(p[0]) == 2 for p in pieces)
+    for step, (images, labels) in enumerate(whole):
+        assert np.array_equal(np.concatenate([shares[0][step][0], shares[1][step][0]]), images)
+        assert np.array_equal(np.concatenate([shares[0][step][1], shares[1][step][1]]), labels)
+        assert np.array_equal(np.concatenate([p[0] for p in pieces[4 * step:4 * step + 4]]), images)
+    with pytest.raises(ValueError, match="does not split evenly over 3 replicas"):
+        distribution.share_of_batches(datasets.epochs(0, 1), 8, pieces=3)
+
+
+def test_evaluation_shares_drop_only_the_remainder_of_the_last_batch(datasets):
+    whole = np.concatenate([images for images, _ in datasets.evaluation["val"].as_numpy_iterator()])
+    # 4 replicas on 2 workers: full batches of 8 stay whole, the last is cut to a multiple of 4.
+    shares = [[i for i, _ in distribution.evaluation_share(datasets.evaluation["val"], worker, 2, 4).as_numpy_iterator()]
+              for worker in (0, 1)]
+    assert len(whole) % 4, "the fixture should leave a remainder to drop"
+    kept = len(whole) // 4 * 4
+    assert np.array_equal(np.concatenate([np.concatenate(pair) for pair in zip(*shares)]), whole[:kept])
 
 
 def _python(code: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -89,6 +125,7 @@ def _tagged(output: str, tag: str) -> str:
     return next(line.split(" ", 1)[1] for line in output.splitlines() if line.startswith(tag + " "))
 
 
+@pytest.mark.slow
 def test_mirrored_replicas_follow_the_single_device_trajectory(tiny_dataset):
     one, synchronized, per_replica = (json.loads(_tagged(_python(_TRAJECTORIES, tiny_dataset, *variant).stdout,
                                                          "RESULTS"))
@@ -101,6 +138,7 @@ def test_mirrored_replicas_follow_the_single_device_trajectory(tiny_dataset):
     assert per_replica["loss"] != pytest.approx(one["loss"], rel=1e-3), results
 
 
+@pytest.mark.slow
 def test_a_mirrored_run_writes_a_complete_portable_run_directory(tiny_dataset, tmp_path):
     result = _python(_MIRRORED_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}", "--run_name=mirrored",
                      "--distribution=mirrored", "--scale_lr_with_batch", *TINY_FLAGS)
@@ -123,6 +161,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_two_workers_train_together_and_leave_one_run_directory(tiny_dataset, tmp_path):
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
     workers = [f"localhost:{port}" for port in _free_ports(2)]
@@ -149,9 +188,9 @@ def test_two_workers_train_together_and_leave_one_run_directory(tiny_dataset, tm
 
 
 def test_bad_distribution_settings_fail_before_any_data_is_read(monkeypatch):
-    with pytest.raises(ValueError, match="--distribution='ring' is not one of"):
+    with pytest.raises(config_lib.ConfigError, match="^distribution='ring': not one of"):
         config_lib.TrainConfig(distribution="ring", data_dir=None).validate()
-    with pytest.raises(ValueError, match="multi_worker needs the JAX backend"):
+    with pytest.raises(config_lib.ConfigError, match="^distribution='multi_worker': needs the JAX backend"):
         with distribution.activate("multi_worker"):
             pass
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -161,7 +200,7 @@ def test_bad_distribution_settings_fail_before_any_data_is_read(monkeypatch):
     with pytest.raises(ValueError, match="does not place this task"):
         distribution.cluster_from_tf_config()
     setup = distribution.Setup("mirrored", replicas=3, workers=1, worker=0, is_chief=True)
-    with pytest.raises(ValueError, match="--batch_size=32 must be a multiple of the 3 replicas"):
+    with pytest.raises(config_lib.ConfigError, match="^batch_size=32: must be a multiple of the 3 replicas"):
         setup.check_batch_size(32)
 
 

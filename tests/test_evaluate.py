@@ -1,4 +1,4 @@
-"""``python -m xray_tf.evaluate`` on a tiny trained run: numbers, figures, predictions, errors, real data."""
+"""``xray_tf.evaluate`` (``xray-evaluate``) on a tiny trained run: numbers, figures, predictions, errors, real data."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import shared_data
-from xray_tf import data, evaluate, metrics, plots, reports
+
+from xray_tf import data, evaluate, metrics, plots, rundir
+from xray_tf.config import ConfigError
+
+pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
 REPORT_KEYS = {"num_images", "accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "per_class",
                "confusion_matrix", "paper_metric", "split", "data_dir", "classes"}
@@ -80,20 +83,6 @@ def test_figures_are_written_with_their_axes_and_lines(run_dir):
     assert len(figure.axes[0].get_lines()) == len(classes) + 1  # every class is in the tiny test split, + chance
 
 
-def test_roc_figure_names_an_absent_class_without_a_curve():
-    per_class = {"a": {"roc_auc": 0.75, "support": 2}, "b": {"roc_auc": None, "support": 0}}
-    curves = {"a": metrics.roc_curve([True, True, False], [0.9, 0.2, 0.5]), "b": None}
-    figure = plots.roc_figure(curves, per_class, "absent class")
-    axes = figure.axes[0]
-    assert len(axes.get_lines()) == 2  # a's curve and the chance diagonal
-    assert any("b: undefined" in text.get_text() for text in axes.get_legend().get_texts())
-
-
-def test_confusion_matrix_figure_survives_an_absent_class(tmp_path):
-    figure = plots.confusion_matrix_figure(np.array([[2, 1], [0, 0]]), ["a", "b"], "absent")
-    assert os.path.getsize(plots.save(figure, str(tmp_path / "cm.png"))) > 0
-
-
 def _without_test_rows(dataset: str, out: str) -> str:
     """A copy of ``dataset``'s metadata with no TEST rows, sharing its images through a symlink."""
     os.makedirs(out)
@@ -105,7 +94,7 @@ def _without_test_rows(dataset: str, out: str) -> str:
 
 def test_missing_test_split_is_one_clear_error(run_dir, tiny_dataset, tmp_path):
     no_test = _without_test_rows(tiny_dataset, str(tmp_path / "no_test"))
-    with pytest.raises(ValueError, match=r"--split=test: .*no test images.*--split=val"):
+    with pytest.raises(ConfigError, match=r"^split='test': .*has no test images.*evaluate the val split"):
         evaluate.evaluate_run(run_dir, "test", no_test)
 
 
@@ -123,13 +112,13 @@ def test_unreadable_images_are_all_named_before_any_prediction(run_dir, tiny_dat
 def test_run_without_model_is_one_clear_error(run_dir, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("flags.txt", "classes.json", "metrics.json", "history.csv"):
+    for name in (rundir.FLAGS, rundir.CLASSES, rundir.METRICS, rundir.HISTORY):
         shutil.copy(os.path.join(run_dir, name), copy / name)
-    with pytest.raises(reports.RunError, match=r"model\.keras: no such file"):
+    with pytest.raises(rundir.RunError, match=r"model\.keras: no such file"):
         evaluate.evaluate_run(str(copy), "val")
-    with pytest.raises(ValueError, match="--split='train'"):
+    with pytest.raises(ConfigError, match="^split='train': not one of"):
         evaluate.evaluate_run(str(copy), "train")
-    with pytest.raises(ValueError, match="--run_dir=.* is not a directory"):
+    with pytest.raises(ConfigError, match="^run_dir='.*nothing': not a directory"):
         evaluate.evaluate_run(str(tmp_path / "nothing"), "val")
 
 
@@ -145,5 +134,5 @@ def test_evaluates_on_the_real_validation_split(run_dir, tmp_path):
     assert result["num_images"] == len(index.split("val"))
     assert {name: stats["support"] for name, stats in result["per_class"].items()} == index.class_counts("val")
     assert os.path.getsize(copy / "roc_val.png") > 0
-    with pytest.raises(ValueError, match="no test images"):
+    with pytest.raises(ConfigError, match="^split='test': .*no test images"):
         evaluate.evaluate_run(str(copy), "test", coronahack)

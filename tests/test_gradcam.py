@@ -14,9 +14,9 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from keras import ops
 
-from conftest import REPO_ROOT
 from xray_tf import gradcam, models
 
 SIZE = 32

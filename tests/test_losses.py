@@ -1,16 +1,15 @@
-"""Focal loss, class weights, --focal_alpha parsing and the step learning-rate schedule."""
+"""Focal loss, class weights and --focal_alpha parsing (the learning-rate schedule: test_training)."""
 
 from __future__ import annotations
 
 import math
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
 
 from xray_tf import losses
-from xray_tf.training import step_decay
+from xray_tf.config import ConfigError
 
 
 def focal_by_hand(y_true, y_pred, alpha, gamma):
@@ -56,23 +55,5 @@ def test_focal_alpha_flag_parsing():
 
 
 def test_unknown_loss_names_the_flag():
-    with pytest.raises(ValueError, match="--loss='hinge'"):
+    with pytest.raises(ConfigError, match="^loss='hinge': not one of"):
         losses.build_loss("hinge", [1, 1])
-
-
-def test_step_decay_halves_every_ten_epochs():
-    rates = {epoch: step_decay(epoch, 1e-3, 0.5, 10) for epoch in (0, 9, 10, 19, 20)}
-    assert rates[0] == rates[9] == pytest.approx(1e-3)
-    assert rates[10] == rates[19] == pytest.approx(5e-4)
-    assert rates[20] == pytest.approx(2.5e-4)
-
-
-def test_scheduler_sets_the_optimizer_rate():
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.compile(keras.optimizers.Adam(1e-3), "mse")
-    seen = []
-    record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: seen.append(float(ops.convert_to_numpy(model.optimizer.learning_rate))))
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: step_decay(epoch, 1e-3, 0.5, 2))
-    model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=5, verbose=0, callbacks=[schedule, record])
-    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])

@@ -1,4 +1,4 @@
-"""``python -m xray_tf.predict``: same numbers as ``model.predict``, every readable file predicted.
+"""``xray-predict`` (``python -m xray_tf predict``): same numbers as ``model.predict``, every readable file predicted.
 
 The run directory is built here with the artifacts a training run writes (``model.keras``,
 ``saved_model/``, ``classes.json``) from an untrained 32 px ResNet50: the CLI must reproduce the
@@ -15,10 +15,10 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_module, shared_data
 from PIL import Image
 
-from conftest import run_module, shared_data
-from xray_tf import artifacts, models, pipeline, predict, synthetic
+from xray_tf import decode, export, models, predict, rundir, synthetic
 
 IMAGE_SIZE = 32
 CLASSES = ["Normal", "Bacteria", "Virus", "COVID-19"]
@@ -31,9 +31,9 @@ def run_dir(tmp_path_factory) -> tuple[str, keras.Model]:
     run.mkdir()
     keras.utils.set_random_seed(0)
     model = models.build_model("resnet50", len(CLASSES), IMAGE_SIZE, weights="none", dropout=0.1)
-    model.save(run / "model.keras")
-    artifacts.write_json_atomic(str(run / "classes.json"), CLASSES)
-    artifacts.export_saved_model(model, str(run / "saved_model"))
+    model.save(run / rundir.MODEL)
+    rundir.write_json(str(run / rundir.CLASSES), CLASSES)
+    export.export_saved_model(model, str(run / rundir.SAVED_MODEL))
     return str(run), model
 
 
@@ -82,7 +82,7 @@ def bad_folder(tmp_path_factory) -> tuple[str, list[str], list[str]]:
 def model_predict(model: keras.Model, files: list[str]) -> np.ndarray:
     """``model.predict`` on the files decoded by the training input pipeline."""
     frame = pd.DataFrame({"path": files, "label_index": 0})
-    images = pipeline.decoded_dataset(frame, IMAGE_SIZE).map(lambda image, _: image)
+    images = decode.decoded_dataset(frame, IMAGE_SIZE).map(lambda image, _: image)
     return model.predict(images.batch(4), verbose=0)
 
 
@@ -90,13 +90,14 @@ def model_predict(model: keras.Model, files: list[str]) -> np.ndarray:
 def cli_run(run_dir, image_tree, bad_folder, tmp_path_factory):
     """One CLI call over the tree and the bad folder, with Grad-CAM overlays; returns (process, CSV, cams)."""
     out = tmp_path_factory.mktemp("cli")
-    result = run_module("xray_tf.predict", f"--model={run_dir[0]}", image_tree[0], bad_folder[0],
+    result = run_module("xray_tf", "predict", f"--model={run_dir[0]}", image_tree[0], bad_folder[0],
                         f"--gradcam_dir={out / 'cams'}", f"--output={out / 'predictions.csv'}",
                         "--overlay_size=48", "--batch_size=4")
     frame = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     return result, frame, str(out / "cams")
 
 
+@pytest.mark.slow
 def test_cli_predictions_equal_model_predict(cli_run, run_dir, image_tree, bad_folder):
     _, frame, _ = cli_run
     files = image_tree[1] + bad_folder[1]
@@ -108,11 +109,13 @@ def test_cli_predictions_equal_model_predict(cli_run, run_dir, image_tree, bad_f
     assert (rows["error"] == "").all()
 
 
+@pytest.mark.slow
 def test_cli_searches_folders_recursively_for_images_only(cli_run, image_tree, bad_folder):
     _, frame, _ = cli_run
     assert frame["file"].tolist() == image_tree[1] + sorted(bad_folder[1] + bad_folder[2])
 
 
+@pytest.mark.slow
 def test_cli_reports_unreadable_files_and_exits_1(cli_run, bad_folder):
     result, frame, _ = cli_run
     assert result.returncode == 1, result.stderr[-3000:]
@@ -128,6 +131,7 @@ def test_cli_reports_unreadable_files_and_exits_1(cli_run, bad_folder):
         assert f"  {path}: {reason}\n" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_writes_one_overlay_per_readable_image(cli_run):
     _, frame, cams = cli_run
     readable = frame[frame["error"] == ""]
@@ -139,19 +143,21 @@ def test_cli_writes_one_overlay_per_readable_image(cli_run):
         assert overlay.mode == "RGB" and overlay.size == (48, 48)
 
 
+@pytest.mark.slow
 def test_cli_writes_csv_to_stdout_and_exits_0_when_all_read(run_dir, bad_folder):
     good = bad_folder[1]
-    result = run_module("xray_tf.predict", f"--model={run_dir[0]}/saved_model", *good)
+    result = run_module("xray_tf.cli.predict", f"--model={run_dir[0]}/saved_model", *good)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "file,predicted_class," + ",".join(PROBABILITY_COLUMNS) + ",error"
     assert [line.split(",")[0] for line in lines[1:]] == good
 
 
+@pytest.mark.slow
 def test_cli_on_jax_predicts_like_tensorflow_and_keeps_its_compiled_programs(run_dir, bad_folder, tmp_path):
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
     good, cache = bad_folder[1], tmp_path / "xla"
-    result = run_module("xray_tf.predict", f"--model={run_dir[0]}", f"--compilation_cache={cache}", *good,
+    result = run_module("xray_tf", "predict", f"--model={run_dir[0]}", f"--compilation_cache={cache}", *good,
                         env={"KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     frame = pd.read_csv(io.StringIO(result.stdout)).set_index("file").loc[good]

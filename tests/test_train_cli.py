@@ -1,10 +1,11 @@
-"""``python -m xray_tf.train`` end to end: artifacts, SavedModel equivalence, JAX backend, real data."""
+"""``xray-train`` (``python -m xray_tf.train``) end to end: the run directory, SavedModel equivalence, JAX, real data."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -12,13 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from conftest import run_module, shared_data
-from xray_tf import artifacts, data, models, pipeline
+
+from xray_tf import data, decode, models, rundir
+
+pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
 TINY_RUN = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2",
             "--lr_decay_epochs=1", "--loss=focal"]
-ARTIFACTS = {"history.csv", "flags.txt", "classes.json", "metrics.json", "model.keras", "saved_model"}
+ARTIFACTS = {rundir.HISTORY, rundir.FLAGS, rundir.CLASSES, rundir.METRICS, rundir.MODEL, rundir.SAVED_MODEL}
 
 SAVED_MODEL_PROBE = """
 import sys, numpy as np, tensorflow as tf
@@ -40,8 +43,12 @@ def read_history(run_dir: str) -> list[dict]:
 def synthetic_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     """A 2-epoch CLI run with no --data_dir, i.e. on the default synthetic dataset."""
     root = tmp_path_factory.mktemp("cli")
-    result = run_module("xray_tf.train", *TINY_RUN, f"--output_dir={root / 'runs'}", "--run_name=tiny",
-                        env={"XRAY_TF_CACHE": str(root / "cache")})
+    previous = os.umask(0o022)  # the usual one: files 0644, folders 0755 (test_run_files_follow_the_umask)
+    try:
+        result = run_module("xray_tf.train", *TINY_RUN, f"--output_dir={root / 'runs'}", "--run_name=tiny",
+                            env={"XRAY_TF_CACHE": str(root / "cache")})
+    finally:
+        os.umask(previous)
     assert result.returncode == 0, result.stderr[-3000:]
     return str(root / "runs" / "tiny"), result
 
@@ -61,14 +68,21 @@ def test_run_writes_every_artifact(synthetic_run):
         assert np.array(report["confusion_matrix"]).sum() == report["num_images"]
     assert metrics["excluded_rows"] == {"Stress-Smoking, in no class": 2}
     assert metrics["compilation_cache"] is None  # the TensorFlow backend keeps no compiled programs
-    seconds = metrics["seconds"]
-    assert 0 <= seconds["fit_before_first_epoch"] and 0 <= seconds["fit_after_last_epoch"]
-    assert seconds["fit_before_first_epoch"] + seconds["fit_after_last_epoch"] < seconds["fit"]
+    assert set(metrics["seconds"]) == {"decode_and_cache", "fit", "export_and_evaluate"}
+
+
+def test_run_files_follow_the_umask(synthetic_run):
+    run_dir, _ = synthetic_run
+    paths = [run_dir] + [os.path.join(folder, name) for folder, folders, files in os.walk(run_dir)
+                         for name in folders + files]
+    modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in paths}
+    assert {path: mode for path, mode in modes.items() if mode != (0o755 if os.path.isdir(path) else 0o644)} == {}
+    assert not any(os.path.basename(path).startswith(".") for path in paths)  # no temporary left behind
 
 
 def test_synthetic_data_is_announced_loudly(synthetic_run):
     run_dir, result = synthetic_run
-    first_line = next(line for line in result.stderr.splitlines() if "xray_tf" in line or "training.py" in line)
+    first_line = result.stderr.splitlines()[0]  # the program's first words are its own, not TensorFlow's
     assert "SYNTHETIC DATA" in first_line
     assert json.load(open(os.path.join(run_dir, "metrics.json")))["synthetic_data"] is True
 
@@ -78,7 +92,7 @@ def test_flags_file_is_reusable(synthetic_run):
     lines = open(os.path.join(run_dir, "flags.txt")).read().splitlines()
     assert "--image_size=32" in lines and "--loss=focal" in lines and "--epochs=2" in lines
     result = run_module("xray_tf.train", f"--flagfile={os.path.join(run_dir, 'flags.txt')}", "--epochs=0")
-    assert result.returncode != 0 and "--epochs=0 must be positive" in result.stderr
+    assert result.returncode != 0 and "xray-train: error: --epochs=0: must be positive" in result.stderr
 
 
 def test_saved_model_serves_without_xray_tf(synthetic_run, tmp_path):
@@ -87,7 +101,7 @@ def test_saved_model_serves_without_xray_tf(synthetic_run, tmp_path):
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     index = data.load_index(metrics["data_dir"])
     paths = index.split("test")["path"][:12]
-    images = np.stack([pipeline.decode_image(tf.constant(p), 32).numpy() for p in paths])
+    images = np.stack([decode.decode_image(tf.constant(p), 32).numpy() for p in paths])
     np.save(tmp_path / "images.npy", images)
     probe = subprocess.run(
         [sys.executable, "-c", SAVED_MODEL_PROBE, os.path.join(run_dir, "saved_model"),
@@ -102,11 +116,11 @@ def test_saved_model_serves_without_xray_tf(synthetic_run, tmp_path):
 
 
 def test_a_second_run_with_the_same_name_gets_its_own_directory(synthetic_run):
-    """The trainer creates its directory with artifacts.create_run_dir, which never reuses one."""
+    """The trainer creates its directory with rundir.create, which never reuses one."""
     run_dir, _ = synthetic_run
     before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
-    second = artifacts.create_run_dir(os.path.dirname(run_dir), "tiny")
-    third = artifacts.create_run_dir(os.path.dirname(run_dir), "tiny")
+    second = rundir.create(os.path.dirname(run_dir), "tiny")
+    third = rundir.create(os.path.dirname(run_dir), "tiny")
     assert (second, third) == (run_dir + "-2", run_dir + "-3")
     assert os.listdir(second) == os.listdir(third) == []
     assert before == {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
@@ -115,7 +129,7 @@ def test_a_second_run_with_the_same_name_gets_its_own_directory(synthetic_run):
 def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset, tmp_path):
     """The JAX backend end to end, through keras.distribution.DataParallel over 2 CPU devices, with
     a compilation cache (one run covers all three, to keep the suite short; single-device JAX
-    training is in test_reliability)."""
+    training is in test_checkpoint)."""
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
     cache = tmp_path / "xla"
     result = run_module("xray_tf.train", *TINY_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}",
@@ -132,7 +146,7 @@ def test_jax_backend_runs_the_same_cli_data_parallel_on_two_devices(tiny_dataset
     assert metrics["compilation_cache"] == str(cache)
     cached = os.listdir(cache)
     assert {"train_step", "test_step", "predict_step"} <= {name.split("-")[0].removeprefix("jit_") for name in cached}
-    # Exported through jax2tf without the model's gradient (artifacts.export_saved_model): it still serves.
+    # Exported through jax2tf without the model's gradient (export.export_saved_model): it still serves.
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
     loaded = tf.saved_model.load(str(run_dir / "saved_model"))  # kept: its variables die with it
     served = loaded.serve(tf.constant(images)).numpy()
@@ -162,4 +176,4 @@ def test_bad_flags_fail_before_training(tmp_path):
     assert result.returncode != 0 and "--image_size=16" in result.stderr
     assert not os.listdir(tmp_path)
     result = run_module("xray_tf.train", f"--data_dir={tmp_path / 'nowhere'}")
-    assert result.returncode != 0 and "is not a directory" in result.stderr
+    assert result.returncode != 0 and f"--data_dir={tmp_path / 'nowhere'}: not a directory" in result.stderr

@@ -2,6 +2,8 @@
 
 import os
 
+__version__ = "0.2.0"
+
 
 def cache_dir() -> str:
     """Where xray_tf keeps files between runs (the synthetic dataset, compiled programs).

@@ -7,7 +7,7 @@ the wrong shape: a partially converted backbone would train without error and si
 The same mapping reads torchvision's ImageNet DenseNet-121 checkpoint, so ``--model=densenet121
 --weights=FILE.pth`` works offline.
 
-Run ``python -m xray_tf.chexnet --input model.pth.tar --output chexnet_densenet121.weights.h5``.
+Convert with ``xray-convert-chexnet --input model.pth.tar --output chexnet_densenet121.weights.h5``.
 PyTorch (the ``convert`` extra) is imported only when a checkpoint is read; the converted Keras
 file needs nothing but Keras. Only Keras 3 APIs are used for the model.
 """
@@ -22,7 +22,8 @@ from collections.abc import Mapping
 
 import keras
 import numpy as np
-from absl import app, flags
+
+from xray_tf.config import ConfigError
 
 # Output order of CheXNet's classifier (arnoweng/CheXNet, ChestX-ray14 label order).
 CHEXNET_CLASSES = (
@@ -297,7 +298,7 @@ def convert_checkpoint(
     file is written only after every tensor has been mapped; the converted model is returned.
     """
     if not output_path.endswith(".weights.h5"):
-        raise ValueError(f"--output={output_path!r} must end in '.weights.h5' (Keras weights).")
+        raise ConfigError("output", output_path, "must end in '.weights.h5' (Keras weights).")
     state_dict = _load_torch_state_dict(input_path, allow_pickle)
     model = build_chexnet()
     _fill_from_state_dict(model, state_dict, source=repr(input_path))
@@ -327,42 +328,12 @@ def load_chexnet_backbone(weights_path: str, image_size: int) -> keras.Model:
     classifier is left behind, a new head is trained on top.
     """
     if not os.path.isfile(weights_path):
-        raise ValueError(
-            f"--chexnet_weights={weights_path!r} does not exist; create it with "
-            "`python -m xray_tf.chexnet --input model.pth.tar --output FILE.weights.h5`."
-        )
+        raise ConfigError("chexnet_weights", weights_path, "no such file; create it with "
+                          "`xray-convert-chexnet --input model.pth.tar --output FILE.weights.h5`.")
     model = build_chexnet(image_size)
     try:
         model.load_weights(weights_path)
     except Exception as error:  # Keras raises several types for a file of another architecture
-        raise ValueError(
-            f"--chexnet_weights={weights_path!r} is not a converted CheXNet weights file "
-            f"(python -m xray_tf.chexnet): {error}"
-        ) from error
+        raise ConfigError("chexnet_weights", weights_path, f"not a converted CheXNet weights file "
+                          f"(xray-convert-chexnet): {error}") from error
     return model.get_layer("densenet121")
-
-
-def _define_flags() -> None:
-    """Only for the command line, so importing this module (as models.py does) adds no flags."""
-    flags.DEFINE_string("input", None, "PyTorch checkpoint, e.g. CheXNet's model.pth.tar.")
-    flags.DEFINE_string("output", None, "Keras weights file to write, ending in .weights.h5.")
-    flags.DEFINE_bool(
-        "allow_pickle",
-        False,
-        "Fully unpickle a checkpoint that holds more than tensors. This executes code from the "
-        "file: only for checkpoints from a trusted source.",
-    )
-    flags.mark_flags_as_required(["input", "output"])
-
-
-def main(argv: list[str]) -> None:
-    """Command line: convert FLAGS.input into FLAGS.output."""
-    del argv  # all options are flags
-    settings = flags.FLAGS
-    convert_checkpoint(settings.input, settings.output, allow_pickle=settings.allow_pickle)
-    print(f"Wrote {settings.output} (Keras CheXNet, {len(CHEXNET_CLASSES)} classes).")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

@@ -1,8 +1,7 @@
 """A persistent cache of compiled XLA programs (JAX backend), so that a rerun skips compilation.
 
 Every run with the same model, image size, batch size, loss and device compiles the same train,
-evaluation and predict steps. On a GPU that is most of a short run's overhead: the train step
-alone takes 19 s (ResNet50) and 63 s (DenseNet121) to compile (BENCHMARKS.md, section 2). JAX can
+evaluation and predict steps. On a GPU that is most of a short run's overhead (BENCHMARKS.md). JAX can
 keep the compiled executables on disk, keyed by the program, the device and the compiler version
 and flags, and load them instead of compiling: a changed model, flag or JAX version is a new key,
 never a stale program. Only XLA compilation is saved; tracing and lowering still run each time.
@@ -18,15 +17,9 @@ import os
 import keras
 
 import xray_tf
+from xray_tf.config import COMPILATION_CACHE_AUTO, COMPILATION_CACHE_OFF, ConfigError
 
 logger = logging.getLogger(__name__)
-
-AUTO = "auto"  # JAX's own setting (JAX_COMPILATION_CACHE_DIR) if any, else default_dir()
-OFF = "none"
-FLAG_HELP = ("JAX backend: a directory where compiled XLA programs are kept, so a rerun with the same model and "
-             "shapes skips compiling. auto: $JAX_COMPILATION_CACHE_DIR if set, else jax-compilation in "
-             "~/.cache/xray_tf (or $XRAY_TF_CACHE); none: off.")  # --compilation_cache of every CLI
-
 
 def default_dir() -> str:
     return os.path.join(xray_tf.cache_dir(), "jax-compilation")
@@ -38,15 +31,15 @@ def enable(setting: str) -> str | None:
     ``setting`` is ``"auto"``, ``"none"`` or a directory. Returns None when nothing is cached:
     ``"none"``, the TensorFlow backend, or an ``"auto"`` directory that cannot be written (a
     warning says so; the program goes on, compiling as usual). Call before the first compilation.
-    Raises ValueError naming the flag when a directory that was asked for cannot be created.
+    Raises ConfigError when a directory that was asked for cannot be created.
     """
-    if setting == OFF or keras.backend.backend() != "jax":
+    if setting == COMPILATION_CACHE_OFF or keras.backend.backend() != "jax":
         return None
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
     directory = setting
-    if setting == AUTO:
+    if setting == COMPILATION_CACHE_AUTO:
         directory = jax.config.jax_compilation_cache_dir or default_dir()
         try:
             os.makedirs(directory, exist_ok=True)
@@ -61,7 +54,7 @@ def enable(setting: str) -> str | None:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"--compilation_cache={setting!r} cannot be created: {error.strerror}.") from None
+            raise ConfigError("compilation_cache", setting, f"cannot be created ({error.strerror}).") from None
     if jax.config.jax_compilation_cache_dir != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # JAX reads the directory once, at its first compilation

@@ -13,30 +13,17 @@ chosen task's classes; both are counted so the log says what was left out.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import pandas as pd
 
+from xray_tf.config import FINE_CLASSES, TASKS, ConfigError
+
 METADATA_CSV = "Chest_xray_Corona_Metadata.csv"
 IMAGE_FOLDER = "Coronahack-Chest-XRay-Dataset"
-FINE_CLASSES = ("Normal", "Bacteria", "Virus", "COVID-19")
 EXCLUDED_CATEGORY = "Stress-Smoking"
-
-# Each task maps the fine class of a row onto one of the task's classes; rows whose fine class is
-# not a key are outside the task.
-TASKS: dict[str, dict[str, str]] = {
-    "four_class": {name: name for name in FINE_CLASSES},
-    "bacteria_vs_virus": {"Bacteria": "Bacteria", "Virus": "Virus"},
-    "normal_vs_pneumonia": {
-        "Normal": "Normal",
-        "Bacteria": "Pneumonia",
-        "Virus": "Pneumonia",
-        "COVID-19": "Pneumonia",
-    },
-}
 
 SPLITS = ("train", "val", "test")
 _REQUIRED_COLUMNS = (
@@ -98,7 +85,7 @@ class DataIndex:
 def class_names_for(task: str) -> tuple[str, ...]:
     """The task's class names in a fixed order (the order of the model's outputs)."""
     if task not in TASKS:
-        raise ValueError(f"--task={task!r} is not one of {', '.join(TASKS)}.")
+        raise ConfigError("task", task, f"not one of {', '.join(TASKS)}.")
     return tuple(dict.fromkeys(TASKS[task].values()))
 
 
@@ -116,7 +103,7 @@ def locate_dataset(data_dir: str) -> tuple[str, str]:
     """
     csv_path = os.path.join(data_dir, METADATA_CSV)
     if not os.path.isfile(csv_path):
-        raise DataError(f"--data_dir={data_dir!r}: no {METADATA_CSV} there (the Kaggle CoronaHack layout).")
+        raise DataError(f"{data_dir}: no {METADATA_CSV} there (the Kaggle CoronaHack layout).")
     candidates = [
         os.path.join(data_dir, IMAGE_FOLDER, IMAGE_FOLDER),
         os.path.join(data_dir, IMAGE_FOLDER),
@@ -125,7 +112,7 @@ def locate_dataset(data_dir: str) -> tuple[str, str]:
         if os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "test")):
             return csv_path, root
     raise DataError(
-        f"--data_dir={data_dir!r}: found {METADATA_CSV} but no image folders; expected "
+        f"{data_dir}: found {METADATA_CSV} but no image folders; expected "
         f"{candidates[0]}/train (or {candidates[1]}/train)."
     )
 
@@ -218,7 +205,7 @@ def _read_extra_data(extra_dir: str) -> pd.DataFrame:
     """Rows for ``--extra_data``: ``metadata.csv`` (X_ray_image_name, Label) and ``images/``."""
     csv_path = os.path.join(extra_dir, "metadata.csv")
     if not os.path.isfile(csv_path):
-        raise DataError(f"--extra_data={extra_dir!r}: no metadata.csv there.")
+        raise DataError(f"{extra_dir} (extra data): no metadata.csv there.")
     extra = read_csv_checked(csv_path, ("X_ray_image_name", "Label"))
     extra = extra.assign(
         path=[os.path.join(extra_dir, "images", name) for name in extra["X_ray_image_name"].astype(str)],
@@ -244,7 +231,7 @@ def load_index(
     """
     class_names = class_names_for(task)
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val_fraction={val_fraction} must be strictly between 0 and 1.")
+        raise ConfigError("val_fraction", val_fraction, "must be strictly between 0 and 1.")
     csv_path, image_root = locate_dataset(data_dir)
     metadata = read_csv_checked(csv_path, _REQUIRED_COLUMNS)
 

@@ -32,7 +32,8 @@ import keras
 import tensorflow as tf
 
 from xray_tf import models, pipeline
-from xray_tf.config import DISTRIBUTIONS
+from xray_tf.config import DISTRIBUTIONS, ConfigError
+from xray_tf.decode import AUTOTUNE, without_autotune_thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,18 +64,20 @@ class Setup:
                 f"global batch {batch_size} = {self.replicas} x {batch_size // self.replicas} per replica")
 
     def check_batch_size(self, batch_size: int) -> None:
-        """Raise ValueError unless every replica gets an equal share of every batch."""
+        """Raise ConfigError unless every replica gets an equal share of every batch."""
         if batch_size % self.replicas:
-            raise ValueError(f"--batch_size={batch_size} must be a multiple of the {self.replicas} replicas of "
-                             f"--distribution={self.name}, so that each replica gets an equal share.")
+            raise ConfigError("batch_size", batch_size, f"must be a multiple of the {self.replicas} replicas of "
+                              f"distribution {self.name}, so that each replica gets an equal share.")
 
     def training_data(self, datasets: pipeline.Datasets, first: int, stop: int):
         """What ``fit`` takes for epochs ``first`` to ``stop - 1``: this worker's share of every batch."""
         if self._strategy is None:  # one device, or JAX, whose DataParallel splits each process's share
-            return datasets.epochs(first, stop, self.worker, self.workers)
+            return share_of_batches(datasets.epochs(first, stop), datasets.settings.batch_size, self.worker,
+                                    self.workers)
         # One element per replica and step, in replica order: the strategy hands them out so.
         return self._strategy.distribute_datasets_from_function(
-            lambda context: datasets.epochs(first, stop, pieces=self.replicas))
+            lambda context: share_of_batches(datasets.epochs(first, stop), datasets.settings.batch_size,
+                                             pieces=self.replicas))
 
     def evaluation_data(self, datasets: pipeline.Datasets, split: str) -> tf.data.Dataset:
         """The split's batches for ``fit(validation_data=...)``.
@@ -88,8 +91,43 @@ class Setup:
         if self.replicas == 1:
             return datasets.evaluation[split]
         if self._strategy is not None:
-            return datasets.evaluation_share(split, multiple=self.replicas)
-        return datasets.evaluation_share(split, self.worker, self.workers, self.replicas)
+            return evaluation_share(datasets.evaluation[split], multiple=self.replicas)
+        return evaluation_share(datasets.evaluation[split], self.worker, self.workers, self.replicas)
+
+
+def share_of_batches(batches: tf.data.Dataset, batch_size: int, worker: int = 0, workers: int = 1,
+                     pieces: int = 1) -> tf.data.Dataset:
+    """``worker``'s contiguous share of every global batch of ``batches``, cut into ``pieces`` elements.
+
+    Every worker assembles and augments the whole global batch and keeps its share, so each image
+    gets the same pixels whatever the number of replicas, and the replicas together train on
+    exactly the batches one device would see. ``pieces`` consecutive elements (one per replica)
+    are what ``tf.distribute`` hands to a worker's replicas.
+    """
+    if workers == 1 and pieces == 1:
+        return batches
+    if batch_size % (workers * pieces):
+        raise ValueError(f"batch_size={batch_size} does not split evenly over {workers * pieces} replicas.")
+    share = batch_size // workers
+
+    def keep_share(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        start = worker * share
+        return (tf.reshape(images[start:start + share], [pieces, share // pieces, *images.shape[1:]]),
+                tf.reshape(labels[start:start + share], [pieces, share // pieces, labels.shape[-1]]))
+
+    return without_autotune_thread(batches.map(keep_share).unbatch().prefetch(AUTOTUNE))
+
+
+def evaluation_share(batches: tf.data.Dataset, worker: int = 0, workers: int = 1, multiple: int = 1) -> tf.data.Dataset:
+    """Unaugmented ``batches`` for data-parallel evaluation: each cut to a multiple of ``multiple``
+    images (the replica count; only the last batch can be shorter, and it loses at most
+    ``multiple - 1`` images), of which ``worker`` of ``workers`` keeps its contiguous share."""
+
+    def keep_share(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        share = tf.shape(images)[0] // multiple * multiple // workers
+        return images[worker * share:(worker + 1) * share], labels[worker * share:(worker + 1) * share]
+
+    return batches.map(keep_share).filter(lambda images, _: tf.shape(images)[0] > 0)
 
 
 ONE_DEVICE = Setup("none", replicas=1, workers=1, worker=0, is_chief=True)
@@ -103,7 +141,7 @@ def activate(name: str) -> Iterator[Setup]:
     the first computation.
     """
     if name not in DISTRIBUTIONS:
-        raise ValueError(f"--distribution={name!r} is not one of {', '.join(DISTRIBUTIONS)}.")
+        raise ConfigError("distribution", name, f"not one of {', '.join(DISTRIBUTIONS)}.")
     if name == "none":
         yield ONE_DEVICE
     elif keras.backend.backend() == "tensorflow":
@@ -112,15 +150,15 @@ def activate(name: str) -> Iterator[Setup]:
         with _jax_setup(name) as setup:
             yield setup
     else:
-        raise ValueError(f"--distribution={name} supports the tensorflow and jax Keras backends, "
-                         f"not {keras.backend.backend()!r}.")
+        raise ConfigError("distribution", name, f"supports the tensorflow and jax Keras backends, not "
+                          f"{keras.backend.backend()!r}.")
 
 
 def _tensorflow_setup(name: str) -> Setup:
     if name == "multi_worker":
-        raise ValueError("--distribution=multi_worker needs the JAX backend (KERAS_BACKEND=jax; it reads the same "
-                         "TF_CONFIG): Keras 3's fit fails under tf.distribute.MultiWorkerMirroredStrategy "
-                         "(keras-team/keras#20585). --distribution=mirrored uses every GPU of one host.")
+        raise ConfigError("distribution", name, "needs the JAX backend (KERAS_BACKEND=jax; it reads the same "
+                          "TF_CONFIG): Keras 3's fit fails under tf.distribute.MultiWorkerMirroredStrategy "
+                          "(keras-team/keras#20585). Distribution mirrored uses every GPU of one host.")
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     return Setup(name, strategy.num_replicas_in_sync, 1, 0, True, strategy)
@@ -130,10 +168,10 @@ def cluster_from_tf_config() -> tuple[list[str], int]:
     """``(addresses of every process, this process's index)`` from ``TF_CONFIG``, chief first."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ValueError("--distribution=multi_worker needs the cluster: KERAS_DISTRIBUTION_JOB_ADDRESSES, "
-                         "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID, or the TF_CONFIG "
-                         'environment variable, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                         '"task": {"type": "worker", "index": 0}} (README, "Several GPUs and hosts").')
+        raise ConfigError("distribution", "multi_worker", "needs the cluster: KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                          "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID, or the TF_CONFIG "
+                          'environment variable, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                          '"task": {"type": "worker", "index": 0}} (README, "Several GPUs and hosts").')
     try:
         config = json.loads(raw)
         cluster, task = config["cluster"], config["task"]

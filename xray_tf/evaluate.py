@@ -1,34 +1,35 @@
-"""``python -m xray_tf.evaluate --run_dir=RUN [--data_dir=...] [--split=test|val]``: measure a run's model.
+"""Measuring a model: one evaluation for training's final report and for ``xray-evaluate``.
 
-Loads ``RUN/model.keras`` (the epoch with the lowest validation loss), rebuilds the data index with
-the run's own task, val_fraction and seed -- so ``--split=val`` holds exactly the validation images
-the run selected its model on -- predicts every image of the split and writes into the run directory:
+``evaluate_model`` predicts a split's images and reports accuracy, balanced accuracy, macro F1
+and macro ROC AUC, and per class the precision, recall (sensitivity), specificity, F1 and
+one-vs-rest ROC AUC (``null`` where undefined). ``evaluate_run`` applies it to a finished run's
+kept model: it rebuilds the data index with the run's own task, val_fraction and seed -- so the
+val split holds exactly the validation images the run selected its model on -- and writes into
+the run directory:
 
-* ``metrics_<split>.json``: accuracy, balanced accuracy, macro F1 and macro ROC AUC; per class the
-  precision, recall (sensitivity), specificity, F1 and one-vs-rest ROC AUC (``null`` where undefined,
-  e.g. for a class with no images in the split); the confusion matrix; and, under ``paper_metric``,
-  the paper's own "average accuracy over epochs" from ``history.csv``;
+* ``metrics_<split>.json``: that report, the confusion matrix and, under ``paper_metric``, the
+  paper's own "average accuracy over epochs" from ``history.csv``;
 * ``confusion_matrix_<split>.png`` and ``roc_<split>.png``;
 * ``predictions_<split>.csv``: per image, its file, true class and each class's probability, so every
   number above can be recomputed.
 
-``--data_dir`` evaluates on another copy of the data, typically the full Kaggle download whose TEST
-split the shared development copy withholds. Importing this module defines no flags.
+Another ``data_dir`` evaluates on another copy of the data, typically the full Kaggle download
+whose TEST split the shared development copy withholds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
+from collections.abc import Iterable, Sequence
 
 import keras
 import numpy as np
 import pandas as pd
-from absl import app, flags
 
-from xray_tf import artifacts, compile_cache, data, metrics, models, pipeline, plots, reports
-from xray_tf.config import TrainConfig
+from xray_tf import data, image_cache, metrics, models, plots, reports, rundir
+from xray_tf.config import ConfigError
+from xray_tf.decode import list_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -40,74 +41,65 @@ PAPER_METRIC_NOTE = (
 )
 
 
-def _run_settings(run_dir: str) -> dict:
-    """What evaluation must share with training, from flags.txt (TrainConfig defaults where absent)."""
-    values = reports.read_flags(run_dir)
-    defaults = TrainConfig()
-    try:
-        return {
-            "task": values.get("task", defaults.task),
-            "val_fraction": float(values.get("val_fraction", defaults.val_fraction)),
-            "seed": int(values.get("seed", defaults.seed)),
-            "image_size": int(values.get("image_size", defaults.image_size)),
-            "data_dir": values.get("data_dir"),
-        }
-    except ValueError as error:
-        raise reports.RunError(f"{os.path.join(run_dir, 'flags.txt')}: {error}") from None
+def evaluate_model(model: keras.Model, batches: Iterable[np.ndarray], y_true: Sequence[int],
+                   class_names: Sequence[str], batch_size: int) -> tuple[dict, np.ndarray]:
+    """``(classification report, probabilities [n, k])`` of ``model`` on the images of ``batches``.
+
+    ``y_true`` holds the class index of each image, in the order of ``batches``.
+    """
+    probabilities = models.predict_batches(model, batches, batch_size).astype(np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) != len(probabilities):
+        raise ValueError(f"{len(y_true)} labels for {len(probabilities)} images.")
+    matrix = metrics.confusion_matrix(y_true, np.argmax(probabilities, axis=-1), len(class_names))
+    return metrics.classification_report(matrix, class_names, y_true, probabilities), probabilities
 
 
 def _load_model(run_dir: str, image_size: int) -> keras.Model:
-    path = os.path.join(run_dir, "model.keras")
+    path = os.path.join(run_dir, rundir.MODEL)
     if not os.path.isfile(path):
-        raise reports.RunError(f"{path}: no such file (the run did not finish its first epoch?).")
+        raise rundir.RunError(f"{path}: no such file (the run has not finished?).")
     model = models.load_model(path)
     if model.input_shape[1:3] != (image_size, image_size):
-        raise reports.RunError(f"{path}: takes {model.input_shape[1:3]} images but flags.txt says {image_size}.")
+        raise rundir.RunError(f"{path}: takes {model.input_shape[1:3]} images but {rundir.FLAGS} says {image_size}.")
     return model
 
 
-def _predict(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int) -> np.ndarray:
-    """Class probabilities ``[len(frame), k]`` for the frame's images, in row order, unaugmented.
-
-    Every image is decoded first, as training does, so that unreadable files are all named in one
-    error before any prediction is made.
-    """
-    decoded = pipeline.decode_images(frame["path"], image_size, keep="memory")
+def _decoded(frame: pd.DataFrame, image_size: int) -> np.ndarray:
+    """The frame's images, decoded as training does, so that every unreadable file is named in one error."""
+    decoded = image_cache.decode_images(frame["path"], image_size, keep="memory")
     if decoded.unreadable:
         raise data.DataError(f"{len(decoded.unreadable)} image file(s) cannot be decoded:\n"
-                             f"{pipeline.list_unreadable(decoded.unreadable)}")
-    images = decoded.images  # in the frame's row order
-    batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
-    return models.predict_batches(model, batches, batch_size).astype(np.float64)  # NumPy feeds every backend
+                             f"{list_unreadable(decoded.unreadable)}")
+    return decoded.images
 
 
 def evaluate_run(run_dir: str, split: str = "test", data_dir: str | None = None, batch_size: int = 32) -> dict:
     """Evaluate the run's kept model on ``split``, write the metrics, figures and predictions, return the metrics."""
     if split not in EVALUATION_SPLITS:
-        raise ValueError(f"--split={split!r} is not one of {', '.join(EVALUATION_SPLITS)}.")
+        raise ConfigError("split", split, f"not one of {', '.join(EVALUATION_SPLITS)}.")
     if batch_size <= 0:
-        raise ValueError(f"--batch_size={batch_size} must be positive.")
+        raise ConfigError("batch_size", batch_size, "must be positive.")
     if not os.path.isdir(run_dir):
-        raise ValueError(f"--run_dir={run_dir!r} is not a directory.")
-    settings = _run_settings(run_dir)
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    training = reports.read_json(metrics_path) if os.path.isfile(metrics_path) else {}
-    training_data_dir = training.get("data_dir") or settings["data_dir"]  # metrics.json's is absolute
+        raise ConfigError("run_dir", run_dir, "not a directory.")
+    config = rundir.read_config(run_dir)
+    training = rundir.read_metrics(run_dir) if rundir.is_finished(run_dir) else {}
+    training_data_dir = training.get("data_dir") or config.data_dir  # metrics.json's is absolute
     data_dir = data_dir or training_data_dir
     if not data_dir:
-        raise ValueError(f"--run_dir={run_dir!r} does not say which data it was trained on; pass --data_dir.")
-    class_names = tuple(reports.read_json(os.path.join(run_dir, "classes.json")))
-    paper_metric = reports.average_accuracy_over_epochs(reports.read_history(run_dir))
+        raise ConfigError("data_dir", None, f"the run {run_dir} does not say which data it was trained on.")
+    class_names = tuple(rundir.read_classes(run_dir))
+    paper_metric = reports.average_accuracy_over_epochs(rundir.read_history(run_dir))
 
-    index = data.load_index(data_dir, settings["task"], settings["val_fraction"], settings["seed"])
+    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed)
     if index.class_names != class_names:
-        raise ValueError(f"--data_dir={data_dir!r} gives classes {list(index.class_names)}; the run has "
-                         f"{list(class_names)} (classes.json).")
+        raise ConfigError("data_dir", data_dir, f"gives classes {list(index.class_names)}; the run has "
+                          f"{list(class_names)} ({rundir.CLASSES}).")
     frame = index.split(split)
     if frame.empty:
-        hint = (" (no TEST rows in its metadata: the shared development copy withholds TEST; use --split=val, "
-                "or --data_dir=the full download)") if split == "test" else ""
-        raise ValueError(f"--split={split}: --data_dir={data_dir!r} has no {split} images{hint}.")
+        hint = (" (no TEST rows in its metadata: the shared development copy withholds TEST; evaluate the val "
+                "split, or the full download)") if split == "test" else ""
+        raise ConfigError("split", split, f"{data_dir} has no {split} images{hint}.")
     same_data = training_data_dir is not None and os.path.realpath(data_dir) == os.path.realpath(training_data_dir)
     trained_counts = training.get("images", {}).get(split)
     if same_data and trained_counts is not None and trained_counts != index.class_counts(split):
@@ -116,17 +108,17 @@ def evaluate_run(run_dir: str, split: str = "test", data_dir: str | None = None,
     if same_data and training.get("synthetic_data"):
         logger.warning("Evaluating on SYNTHETIC data (%s): the numbers say nothing about real X-rays.", data_dir)
 
-    model = _load_model(run_dir, settings["image_size"])
-    probabilities = _predict(model, frame, settings["image_size"], batch_size)
+    model = _load_model(run_dir, config.image_size)
+    images = _decoded(frame, config.image_size)
+    batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
     y_true = frame["label_index"].to_numpy()
-    matrix = metrics.confusion_matrix(y_true, np.argmax(probabilities, axis=-1), len(class_names))
-    report = metrics.classification_report(matrix, class_names, y_true, probabilities)
+    report, probabilities = evaluate_model(model, batches, y_true, class_names, batch_size)
     result = {
         "run_dir": os.path.abspath(run_dir),
         "split": split,
         "data_dir": os.path.abspath(data_dir),
         "trained_on_synthetic_data": training.get("synthetic_data"),
-        "model": "model.keras",
+        "model": rundir.MODEL,
         "model_selection": training.get("model_selection"),
         "classes": list(class_names),
         **report,
@@ -140,18 +132,18 @@ def _write_outputs(
     run_dir: str, split: str, result: dict, frame: pd.DataFrame, y_true: np.ndarray, probabilities: np.ndarray
 ) -> None:
     class_names = result["classes"]
-    artifacts.write_json_atomic(os.path.join(run_dir, f"metrics_{split}.json"), result)
+    rundir.write_json(os.path.join(run_dir, rundir.metrics_of_split(split)), result)
     predictions = frame[["file", "label"]].reset_index(drop=True)
     for i, name in enumerate(class_names):
         predictions[f"p_{metrics.metric_suffix(name)}"] = probabilities[:, i]
     predictions["predicted"] = [class_names[i] for i in np.argmax(probabilities, axis=-1)]
-    artifacts.write_text_atomic(os.path.join(run_dir, f"predictions_{split}.csv"), predictions.to_csv(index=False))
+    rundir.write_text(os.path.join(run_dir, rundir.predictions_of_split(split)), predictions.to_csv(index=False))
 
     title = f"{os.path.basename(os.path.normpath(run_dir))}: {split} ({result['num_images']} images)"
     plots.save(plots.confusion_matrix_figure(np.array(result["confusion_matrix"]), class_names, title),
-               os.path.join(run_dir, f"confusion_matrix_{split}.png"))
+               os.path.join(run_dir, rundir.confusion_matrix_png(split)))
     curves = {name: metrics.roc_curve(y_true == i, probabilities[:, i]) for i, name in enumerate(class_names)}
-    plots.save(plots.roc_figure(curves, result["per_class"], title), os.path.join(run_dir, f"roc_{split}.png"))
+    plots.save(plots.roc_figure(curves, result["per_class"], title), os.path.join(run_dir, rundir.roc_png(split)))
 
 
 def summary(result: dict) -> str:
@@ -172,31 +164,3 @@ def summary(result: dict) -> str:
     lines.append(f"  paper's metric, average accuracy over epochs ({paper['epochs']}): "
                  f"train {percent(paper['train'])}, val {percent(paper['val'])}")
     return "\n".join(lines)
-
-
-def _cli() -> None:
-    """``python -m xray_tf.evaluate``; flags are defined here so importing the module defines none."""
-    run_dir = flags.DEFINE_string("run_dir", None, "Run directory written by python -m xray_tf.train.", required=True)
-    data_dir = flags.DEFINE_string("data_dir", None, "CoronaHack folder to evaluate on (default: the run's own).")
-    split = flags.DEFINE_enum("split", "test", list(EVALUATION_SPLITS),
-                              "test: the TEST split (absent from the shared copy); val: the run's validation split.")
-    batch_size = flags.DEFINE_integer("batch_size", 32, "Images per prediction batch.")
-    cache = flags.DEFINE_string("compilation_cache", compile_cache.AUTO, compile_cache.FLAG_HELP)
-
-    def main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        try:
-            compile_cache.enable(cache.value)
-            result = evaluate_run(run_dir.value, split.value, data_dir.value, batch_size.value)
-        except (ValueError, FileNotFoundError) as error:  # DataError and RunError are ValueErrors
-            sys.exit(f"xray_tf.evaluate: error: {error}")
-        print(summary(result))
-        print(f"Wrote metrics_{split.value}.json, confusion_matrix_{split.value}.png, roc_{split.value}.png "
-              f"and predictions_{split.value}.csv in {run_dir.value}")
-
-    app.run(main)
-
-
-if __name__ == "__main__":
-    _cli()

@@ -16,7 +16,8 @@ one small function calls the backend's own autodiff (TensorFlow or JAX).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import matplotlib

@@ -8,11 +8,11 @@ hard examples.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 
-LOSS_NAMES = ("ce", "focal")
+from xray_tf.config import LOSSES, ConfigError
 
 
 def balanced_weights(class_counts: Sequence[int]) -> list[float]:
@@ -35,15 +35,14 @@ def parse_focal_alpha(text: str, class_counts: Sequence[int]) -> float | list[fl
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(
-            f"--focal_alpha={text!r}: expected a number, 'balanced', or {len(class_counts)} comma-separated numbers."
-        ) from None
+        raise ConfigError("focal_alpha", text, f"expected a number, 'balanced', or {len(class_counts)} "
+                          "comma-separated numbers.") from None
     if any(value <= 0 for value in values):
-        raise ValueError(f"--focal_alpha={text!r}: every alpha must be positive.")
+        raise ConfigError("focal_alpha", text, "every alpha must be positive.")
     if len(values) == 1:
         return values[0]
     if len(values) != len(class_counts):
-        raise ValueError(f"--focal_alpha={text!r}: {len(values)} values for {len(class_counts)} classes.")
+        raise ConfigError("focal_alpha", text, f"{len(values)} values for {len(class_counts)} classes.")
     return values
 
 
@@ -60,4 +59,4 @@ def build_loss(
         return keras.losses.CategoricalFocalCrossentropy(
             alpha=parse_focal_alpha(focal_alpha, class_counts), gamma=focal_gamma, name="focal"
         )
-    raise ValueError(f"--loss={name!r} is not one of {', '.join(LOSS_NAMES)}.")
+    raise ConfigError("loss", name, f"not one of {', '.join(LOSSES)}.")

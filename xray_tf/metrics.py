@@ -14,7 +14,7 @@ higher score than a random image of another class, with ties counted as one half
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np

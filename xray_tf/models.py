@@ -12,16 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterable, Iterator
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import keras
 import numpy as np
 from keras import ops
 
 from xray_tf import metrics
-
-MODEL_NAMES = ("resnet50", "densenet121", "densenet_chexnet")
+from xray_tf.config import MODELS, ConfigError
 
 # ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
 # DenseNet121 and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
@@ -73,15 +71,13 @@ class XrayPreprocessing(keras.layers.Layer):
 
 
 def _resolve_weights(weights: str) -> str | None:
-    """Map the ``--weights`` flag onto what ``keras.applications`` accepts at build time."""
+    """Map the ``weights`` setting onto what ``keras.applications`` accepts at build time."""
     if weights == "imagenet":
         return "imagenet"
     if weights == "none":
         return None
     if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"--weights={weights!r}: expected 'imagenet', 'none' or an existing weights file."
-        )
+        raise ConfigError("weights", weights, "expected 'imagenet', 'none' or an existing weights file.")
     return None  # built empty, then loaded from the file by build_backbone
 
 
@@ -95,12 +91,14 @@ def build_backbone(
     input_shape = (image_size, image_size, 3)
     if model_name == "densenet_chexnet":
         if not chexnet_weights:
-            raise ValueError("--model=densenet_chexnet needs --chexnet_weights=PATH (a converted CheXNet file).")
+            raise ConfigError("chexnet_weights", None, "model densenet_chexnet needs a converted CheXNet file.")
         from xray_tf import chexnet  # imported lazily: only this model needs it
 
         return chexnet.load_chexnet_backbone(chexnet_weights, image_size)
     if model_name == "densenet121" and weights.endswith((".pth", ".pt", ".pth.tar")):
-        from xray_tf import chexnet  # converts torchvision's PyTorch checkpoint in memory
+        from xray_tf import (
+            chexnet,  # converts torchvision's PyTorch checkpoint in memory
+        )
 
         return chexnet.densenet121_backbone_from_torch(weights, image_size)
 
@@ -109,7 +107,7 @@ def build_backbone(
         "densenet121": keras.applications.DenseNet121,
     }
     if model_name not in constructors:
-        raise ValueError(f"--model={model_name!r} is not one of {', '.join(MODEL_NAMES)}.")
+        raise ConfigError("model", model_name, f"not one of {', '.join(MODELS)}.")
     backbone = constructors[model_name](
         include_top=False, weights=_resolve_weights(weights), input_shape=input_shape
     )
@@ -117,9 +115,8 @@ def build_backbone(
         try:
             backbone.load_weights(weights)
         except Exception as error:  # Keras raises several types for a mismatching file
-            raise ValueError(
-                f"--weights={weights!r} does not fit a {model_name} backbone without its top: {error}"
-            ) from error
+            raise ConfigError("weights", weights, f"does not fit a {model_name} backbone without its top: "
+                              f"{error}") from error
     return backbone
 
 
@@ -136,8 +133,8 @@ def build_model(
     The head is global average pooling, dropout and a Dense softmax kept in float32 so that
     probabilities stay accurate under mixed precision.
     """
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"--model={model_name!r} is not one of {', '.join(MODEL_NAMES)}.")
+    if model_name not in MODELS:
+        raise ConfigError("model", model_name, f"not one of {', '.join(MODELS)}.")
     if num_classes < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
     backbone = build_backbone(model_name, image_size, weights, chexnet_weights)
@@ -223,3 +220,18 @@ def portable_batch_norm(model: keras.Model) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.synchronized = True
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` within the block, the previous one restored after.
+
+    Models are built under the run's policy (``mixed_bfloat16`` on a GPU) without leaving it set
+    for the caller's later models.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -9,8 +9,7 @@ can count axes and lines; ``save`` writes it at a resolution fit for print.
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -18,6 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from xray_tf import rundir
 
 DPI = 300  # print resolution; figures are sized in inches for one (3.5") or two (7") journal columns
 STYLE = {
@@ -45,18 +46,10 @@ def _colours(count: int) -> list:
 
 
 def save(figure: Figure, path: str) -> str:
-    """Write ``figure`` as PNG at ``DPI`` through a temporary file and a rename; return ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=directory)
-    os.close(descriptor)
-    try:
-        figure.savefig(temporary, dpi=DPI, format="png", bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write ``figure`` as PNG at ``DPI``, atomically (``rundir.write_atomic``); return ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rundir.write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=DPI, format="png",
+                                                               bbox_inches="tight"))
     return path
 
 

@@ -1,15 +1,9 @@
-"""``python -m xray_tf.predict``: classify X-ray files with a trained model, optionally with Grad-CAM.
+"""Classifying X-ray files with a trained model, optionally with Grad-CAM (``xray-predict``).
 
-Examples::
-
-    python -m xray_tf.predict --model=saved_models/demo scans/ > predictions.csv
-    python -m xray_tf.predict --model=saved_models/demo/model.keras a.png b.jpeg --gradcam_dir=cams
-
-``--model`` is a run directory of ``xray_tf.train`` (its ``model.keras`` is used), a SavedModel
-directory or a ``.keras`` file. A PATH is an image file or a folder searched recursively for images.
-Every file is decoded on its own with ``pipeline.decode_image``, the decoding used in training, so a
-file that cannot be read is reported by name with the reason while every other file is still
-predicted; the exit status is 1 when any file failed, 0 otherwise.
+A model is a run directory of ``xray-train`` (its ``model.keras`` is used), a SavedModel
+directory or a ``.keras`` file. Every file is decoded on its own with ``decode.decode_image``, the
+decoding used in training, so a file that cannot be read is reported by name with the reason
+while every other file is still predicted.
 """
 
 from __future__ import annotations
@@ -20,19 +14,21 @@ import io
 import json
 import logging
 import os
-import sys
-import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TextIO
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
 from PIL import Image
 
-from xray_tf import artifacts, compile_cache, gradcam, pipeline
-from xray_tf import models  # noqa: F401  (registers XrayPreprocessing, so safe_mode loading finds it)
+from xray_tf import (
+    decode,
+    gradcam,
+    models,  # noqa: F401  (registers XrayPreprocessing, so safe_mode loading finds it)
+    rundir,
+)
+from xray_tf.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +107,7 @@ def _load_keras(path: str) -> Predictor:
     image_size = model.input_shape[1]
     if image_size is None:
         raise ValueError(f"{path}: the model has no fixed input size, so images cannot be resized for it.")
-    class_names = _class_names([os.path.join(os.path.dirname(path), "classes.json")], model.output_shape[-1])
+    class_names = _class_names([os.path.join(os.path.dirname(path), rundir.CLASSES)], model.output_shape[-1])
     return Predictor(lambda images: np.asarray(model.predict_on_batch(images)), image_size, class_names, model)
 
 
@@ -133,30 +129,30 @@ def _load_saved_model(path: str) -> Predictor:
         return probabilities.numpy()
 
     run_dir = os.path.dirname(os.path.abspath(path))
-    candidates = [os.path.join(path, "classes.json"), os.path.join(run_dir, "classes.json")]
+    candidates = [os.path.join(path, rundir.CLASSES), os.path.join(run_dir, rundir.CLASSES)]
     return Predictor(predict, spec.shape[1], _class_names(candidates, output_spec.shape[-1]), None)
 
 
 def load_predictor(model_path: str) -> Predictor:
     """Load a run directory (its ``model.keras``, else its ``saved_model/``), a SavedModel or a .keras file."""
-    keras_file = os.path.join(model_path, "model.keras")
+    keras_file = os.path.join(model_path, rundir.MODEL)
     if os.path.isfile(model_path) and model_path.endswith(".keras"):
         return _load_keras(model_path)
     if os.path.isfile(keras_file):
         return _load_keras(keras_file)
-    for saved_model in (model_path, os.path.join(model_path, "saved_model")):
+    for saved_model in (model_path, os.path.join(model_path, rundir.SAVED_MODEL)):
         if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
             return _load_saved_model(saved_model)
-    raise ValueError(f"--model={model_path!r} is neither a run directory (with model.keras or saved_model/), "
-                     "a SavedModel directory nor a .keras file.")
+    raise ConfigError("model", model_path, f"neither a run directory (with {rundir.MODEL} or {rundir.SAVED_MODEL}/), "
+                      "a SavedModel directory nor a .keras file.")
 
 
 def decode_file(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
     """``(uint8 [S, S, 1], None)`` decoded exactly as in training, or ``(None, why it cannot be read)``."""
     try:
-        return pipeline.decode_image(tf.constant(path), image_size).numpy(), None
+        return decode.decode_image(tf.constant(path), image_size).numpy(), None
     except tf.errors.OpError as error:  # corrupt, truncated, empty, not an image, unreadable
-        return None, pipeline.decode_error_message(error)
+        return None, decode.decode_error_message(error)
 
 
 def overlay_names(files: Sequence[str]) -> dict[str, str]:
@@ -244,78 +240,11 @@ def to_csv(predictions: Sequence[Prediction], class_names: Sequence[str], with_g
     return buffer.getvalue()
 
 
-def _class_index(value: str, class_names: Sequence[str]) -> int:
-    """``--gradcam_class`` as an index: a class name, or a number below the number of classes."""
+def class_index(value: str, class_names: Sequence[str]) -> int:
+    """A class given by name or number (``gradcam_class``) as an index: a class name, or a number below the number of classes."""
     if value in class_names:
         return list(class_names).index(value)
     if value.isdigit() and int(value) < len(class_names):
         return int(value)
-    raise ValueError(f"--gradcam_class={value!r} is neither one of {', '.join(class_names)} "
-                     f"nor an index below {len(class_names)}.")
-
-
-def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
-    """A bar redrawn in place on ``stream`` (stderr: stdout may carry the CSV); none off a terminal."""
-    if not stream.isatty():
-        return None
-    start = time.perf_counter()
-
-    def show(done: int, total: int) -> None:
-        filled = 30 * done // total
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} files, {rate:.1f} files/s")
-        stream.write("\n" if done == total else "")
-        stream.flush()
-
-    return show
-
-
-def _cli() -> None:
-    """``python -m xray_tf.predict``; flags are defined here so importing the module defines none."""
-    model = flags.DEFINE_string("model", None, "Run directory of xray_tf.train, SavedModel directory or "
-                                ".keras file.", required=True)
-    output = flags.DEFINE_string("output", None, "CSV file to write; default: standard output.")
-    gradcam_dir = flags.DEFINE_string("gradcam_dir", None, "Folder for Grad-CAM overlay PNGs, one per image "
-                                      "(needs the Keras model: a run directory or .keras file).")
-    gradcam_class = flags.DEFINE_string("gradcam_class", None, "Class explained by Grad-CAM, by name or index; "
-                                        "default: each image's predicted class.")
-    batch_size = flags.DEFINE_integer("batch_size", 32, "Images per batch.", lower_bound=1)
-    overlay_size = flags.DEFINE_integer("overlay_size", 512, "Side of the square Grad-CAM overlays, in pixels.",
-                                        lower_bound=1)
-    cache = flags.DEFINE_string("compilation_cache", compile_cache.AUTO, compile_cache.FLAG_HELP)
-
-    def main(argv: list[str]) -> None:
-        if len(argv) < 2:
-            raise app.UsageError("Name at least one image file or folder to classify.")
-        try:
-            if output.value and not os.path.isdir(os.path.dirname(os.path.abspath(output.value))):
-                raise ValueError(f"--output={output.value!r}: its folder does not exist.")
-            if gradcam_class.value is not None and gradcam_dir.value is None:
-                raise ValueError("--gradcam_class needs --gradcam_dir, where the overlays go.")
-            files = find_images(argv[1:])
-            compile_cache.enable(cache.value)
-            predictor = load_predictor(model.value)
-            target = None
-            if gradcam_class.value is not None:
-                target = _class_index(gradcam_class.value, predictor.class_names)
-            results = predict_files(predictor, files, batch_size.value, gradcam_dir.value, target,
-                                    overlay_size.value, _progress_bar(sys.stderr))
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"xray_tf.predict: error: {error}")
-        text = to_csv(results, predictor.class_names, with_gradcam=gradcam_dir.value is not None)
-        if output.value:
-            artifacts.write_text_atomic(output.value, text)
-        else:
-            sys.stdout.write(text)
-        failed = [result for result in results if result.error]
-        print(f"xray_tf.predict: {len(results) - len(failed)} of {len(results)} files predicted"
-              + (f"; {len(failed)} could not be read:" if failed else "."), file=sys.stderr)
-        for result in failed:
-            print(f"  {result.file}: {result.error}", file=sys.stderr)
-        sys.exit(1 if failed else 0)
-
-    app.run(main)
-
-
-if __name__ == "__main__":
-    _cli()
+    raise ConfigError("gradcam_class", value, f"neither one of {', '.join(class_names)} nor an index below "
+                      f"{len(class_names)}.")

@@ -1,13 +1,12 @@
-"""Run directories read back, and the paper's Table 1 built from them.
+"""The paper's Table 1 built from run directories (read through ``rundir``).
 
-Only pandas and NumPy, no TensorFlow: tables and history plots are quick, and they work on run
-directories of older versions, since they need nothing but ``history.csv``, ``flags.txt`` and
-``metrics*.json``.
+Only pandas and NumPy, no TensorFlow, so tables are quick: they need nothing but ``history.csv``,
+``flags.txt`` and ``metrics*.json``.
 
 Two kinds of accuracy are reported and never mixed up:
 
 * the accuracy of the model a run keeps (lowest ``val_loss``), measured once on each split after
-  training (``metrics.json``, or ``metrics_<split>.json`` written later by ``xray_tf.evaluate``);
+  training (``metrics.json``, or ``metrics_<split>.json`` written later by ``xray-evaluate``);
 * the paper's own metric, the *average accuracy over epochs*: the mean of the per-epoch accuracies
   in ``history.csv``. It mixes early, poor epochs with later ones, so it is not the accuracy of any
   model; it is reported only so that our runs can be set beside the published numbers.
@@ -15,17 +14,17 @@ Two kinds of accuracy are reported and never mixed up:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from xray_tf import data
+from xray_tf import rundir
 
-# Flagfile names (flags/<name>.cfg) of the paper's six Table 1 experiments, in the paper's order.
+# Experiment names (--experiment=<name>, flags/<name>.cfg) of the paper's six Table 1 experiments, in the paper's order.
 PAPER_EXPERIMENTS = {
     "prce": "PRCE: ImageNet ResNet50, cross-entropy",
     "prcw": "PRCW: ImageNet ResNet50, class-weighted cross-entropy",
@@ -48,10 +47,9 @@ PUBLISHED_ACCURACY: dict[str, tuple[float, float, float] | None] = {
 }
 NOT_FOUND = "n/a (not found)"
 
-HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# Flags that may differ between runs of one experiment: the seed is what is being averaged over; the
-# others name or continue a run without changing what it trains.
-_PER_RUN_FLAGS = frozenset({"seed", "run_name", "output_dir", "resume"})
+# Settings that may differ between runs of one experiment: the seed is what is being averaged over;
+# the others name or continue a run without changing what it trains.
+_PER_RUN_SETTINGS = frozenset({"seed", "run_name", "output_dir", "resume"})
 
 # Table columns: key, Markdown header. Accuracies are of the kept model; "avg over epochs" is the paper's metric.
 TABLE_METRICS = (
@@ -67,91 +65,13 @@ TABLE_METRICS = (
 )
 
 
-class RunError(ValueError):
-    """A run directory lacks a file, or a file cannot be read; the message names the file."""
-
-
-def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "history.csv")) or os.path.isfile(os.path.join(path, "metrics.json"))
-
-
-def find_runs(paths: Sequence[str]) -> list[str]:
-    """Expand each path (a run directory, or a folder whose sub-folders are runs) into run directories."""
-    runs = []
-    for path in paths:
-        if not os.path.isdir(path):
-            raise RunError(f"{path}: not a directory.")
-        if is_run_dir(path):
-            runs.append(path)
-            continue
-        children = sorted(os.path.join(path, name) for name in os.listdir(path))
-        found = [child for child in children if os.path.isdir(child) and is_run_dir(child)]
-        if not found:
-            raise RunError(f"{path}: neither a run directory (history.csv, metrics.json) nor a folder of runs.")
-        runs.extend(found)
-    return runs
-
-
-def read_json(path: str) -> object:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file.") from None
-    except json.JSONDecodeError as error:
-        raise RunError(f"{path}: not valid JSON ({error}).") from None
-
-
-def read_flags(run_dir: str) -> dict[str, str]:
-    """``flags.txt`` as ``{name: value}`` (the strings the run was started with)."""
-    path = os.path.join(run_dir, "flags.txt")
-    try:
-        with open(path) as handle:
-            lines = [line.strip() for line in handle]
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file.") from None
-    values = {}
-    for number, line in enumerate(lines, 1):
-        if not line or line.startswith("#"):
-            continue
-        if not line.startswith("--") or "=" not in line:
-            raise RunError(f"{path}, line {number}: expected --name=value, got {line!r}.")
-        name, value = line[2:].split("=", 1)
-        values[name] = value
-    return values
-
-
-def read_history(run_dir: str) -> pd.DataFrame:
-    """``history.csv`` with at least loss, accuracy, val_loss, val_accuracy and an ``epoch`` column (1-based)."""
-    path = os.path.join(run_dir, "history.csv")
-    history = data.read_csv_checked(path, HISTORY_COLUMNS, error=RunError, rows="epochs")
-    if "epoch" not in history.columns:  # older runs: rows are epochs 1, 2, ...
-        history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    return history
-
-
 def average_accuracy_over_epochs(history: pd.DataFrame) -> dict[str, float | int]:
     """The paper's metric: the mean of the per-epoch train and validation accuracies."""
     return {
         "train": float(history["accuracy"].mean()),
         "val": float(history["val_accuracy"].mean()),
-        "epochs": int(len(history)),
+        "epochs": len(history),
     }
-
-
-def split_reports(run_dir: str) -> dict[str, tuple[dict, str]]:
-    """``split -> (classification report, file it came from)`` for the run's kept model.
-
-    ``metrics_<split>.json`` (``xray_tf.evaluate``, possibly on another copy of the data such as the
-    full dataset with its TEST split) takes precedence over the split in ``metrics.json``.
-    """
-    metrics = read_json(os.path.join(run_dir, "metrics.json"))
-    reports = {split: (report, "metrics.json") for split, report in metrics.get("splits", {}).items()}
-    for split in ("val", "test"):
-        name = f"metrics_{split}.json"
-        if os.path.isfile(os.path.join(run_dir, name)):
-            reports[split] = (read_json(os.path.join(run_dir, name)), name)
-    return reports
 
 
 def experiment_name(run_dir: str) -> str:
@@ -163,14 +83,14 @@ def experiment_name(run_dir: str) -> str:
 
 def run_row(run_dir: str) -> dict:
     """One run as a flat row: experiment, seed, every ``TABLE_METRICS`` value (None when undefined)."""
-    flags = read_flags(run_dir)
-    reports = split_reports(run_dir)
-    paper_metric = average_accuracy_over_epochs(read_history(run_dir))
+    config = rundir.read_config(run_dir)
+    reports = rundir.split_reports(run_dir)
+    paper_metric = average_accuracy_over_epochs(rundir.read_history(run_dir))
     row = {
         "experiment": experiment_name(run_dir),
         "run_dir": os.path.abspath(run_dir),
-        "seed": int(flags["seed"]) if "seed" in flags else None,
-        "extra_data": bool(flags.get("extra_data")),
+        "seed": config.seed,
+        "extra_data": bool(config.extra_data),
         "epochs": paper_metric["epochs"],
     }
     for split in ("train", "val", "test"):
@@ -194,8 +114,9 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return float(np.mean(defined)), std, len(defined)
 
 
-def _settings(run_dir: str) -> dict[str, str]:
-    return {k: v for k, v in read_flags(run_dir).items() if k not in _PER_RUN_FLAGS}
+def _settings(run_dir: str) -> dict[str, object]:
+    settings = dataclasses.asdict(rundir.read_config(run_dir))
+    return {name: value for name, value in settings.items() if name not in _PER_RUN_SETTINGS}
 
 
 def _check_group(experiment: str, run_dirs: list[str], seeds: list[int | None]) -> None:
@@ -205,13 +126,13 @@ def _check_group(experiment: str, run_dirs: list[str], seeds: list[int | None]) 
         settings = _settings(run_dir)
         differing = sorted(k for k in reference.keys() | settings.keys() if reference.get(k) != settings.get(k))
         if differing:
-            raise RunError(
+            raise rundir.RunError(
                 f"Runs {run_dirs[0]} and {run_dir} are both named {experiment!r} but differ in "
                 f"{', '.join('--' + k for k in differing)}; only the seed may differ between repeats."
             )
     repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
     if repeated:
-        raise RunError(f"Experiment {experiment!r} has several runs with seed {repeated[0]}: {', '.join(run_dirs)}.")
+        raise rundir.RunError(f"Experiment {experiment!r} has several runs with seed {repeated[0]}: {', '.join(run_dirs)}.")
 
 
 def _sort_key(experiment: str) -> tuple:

@@ -1,6 +1,6 @@
 """A synthetic stand-in for the CoronaHack dataset, in the exact Kaggle layout.
 
-``python -m xray_tf.synthetic --out DIR`` writes ``Chest_xray_Corona_Metadata.csv`` and
+``xray-synthetic --out DIR`` writes ``Chest_xray_Corona_Metadata.csv`` and
 ``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/`` with all four classes,
 imbalanced like the real data (COVID-19 rare), plus two Stress-Smoking rows that belong to no
 class. Images are drawn chest-like phantoms of varied size, grey or RGB, JPEG or 8/16-bit PNG, so
@@ -23,7 +23,6 @@ import tempfile
 
 import numpy as np
 import pandas as pd
-from absl import app, flags
 from PIL import Image
 
 import xray_tf
@@ -105,7 +104,7 @@ def write_dataset(out_dir: str, num_train: int = 400, num_test: int = 80, seed: 
     The folder appears complete or not at all: it is written beside its target and renamed.
     """
     if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; choose a new --out.")
+        raise FileExistsError(f"{out_dir} already exists; choose a new folder.")
     rng = np.random.default_rng(seed)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -151,23 +150,3 @@ def ensure_default_dataset() -> str:
         except FileExistsError:  # another process finished first; its copy is complete
             pass
     return path
-
-
-def _cli() -> None:
-    """``python -m xray_tf.synthetic``; flags are defined here so importing the module defines none."""
-    out = flags.DEFINE_string("out", None, "Directory to create for the synthetic dataset.", required=True)
-    num_train = flags.DEFINE_integer("num_train", 400, "Number of TRAIN images (classes imbalanced like CoronaHack).")
-    num_test = flags.DEFINE_integer("num_test", 80, "Number of TEST images.")
-    seed = flags.DEFINE_integer("seed", 0, "Random seed; the same seed writes the same images.")
-
-    def main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        path = write_dataset(out.value, num_train.value, num_test.value, seed.value)
-        print(f"Synthetic CoronaHack-layout dataset written to {path}")
-
-    app.run(main)
-
-
-if __name__ == "__main__":
-    _cli()

@@ -1,17 +1,17 @@
 #!/bin/bash
 # The GPU benchmarks of BENCHMARKS.md sections 2 and 3: Keras 3 on the JAX backend (GPU), tf.data
-# on CPU TensorFlow. Run from the project root on a machine prepared by ../shared/gpu/README.md
+# on CPU TensorFlow. Run from the repository root on a machine prepared by ../shared/gpu/README.md
 # (staging, then setup_device.sh). Every result goes to OUT_DIR as it comes, so a run cut short
 # keeps what it finished; each step has its own time limit. Name steps to run only those (one
 # command may run for at most 10 minutes on the lent machine; all steps together take longer).
 #
-#   bash scripts/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
+#   bash benchmarks/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
 #   steps: e2e_resnet50 step_resnet50 step_resnet50_tob step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
 #          step_densenet121 overhead_resnet50 pipeline
 #          step_densenet121_autotune1 step_densenet121_autotune0 (these two only when named)
 # DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
 # staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
-# and carry it in a call of its own (with c3 in the same call the tree was refused as over 64 MiB).
+# and carry it in a call of its own, since together with c3 the tree is over the 64 MiB a call carries.
 set -uo pipefail
 data_dir=${1:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
 out=${2:?usage: bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]}
@@ -33,36 +33,36 @@ step() {  # step NAME SECONDS COMMAND...: if NAME was asked for, run it with a t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/device.txt"
 nproc >>"$out/device.txt"
 # End to end: a cold run (empty compilation cache), then the same run with the cache it filled.
-step e2e_resnet50 300 python3 scripts/bench_end_to_end.py --model=resnet50 --data_dir="$data_dir" \
+step e2e_resnet50 300 python3 -m benchmarks.end_to_end --model=resnet50 --data_dir="$data_dir" \
   --output_dir=/tmp/runs --warm_rerun
-step step_resnet50 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=128 \
+step step_resnet50 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
-# The same with Keras driven by train_on_batch, which waits for every step (how rows before 2026-11-26 ran).
-step step_resnet50_tob 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=128 \
+# The same with Keras driven by train_on_batch, which waits for every step.
+step step_resnet50_tob 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3 --keras_loop=train_on_batch
 # The end-to-end batch size: the step time a 20-epoch run can at best reach.
-step step_resnet50_b32 90 python3 scripts/bench_train_step.py --model=resnet50 --image_size=224 --batch_size=32 \
+step step_resnet50_b32 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=32 \
   --precision=bfloat16 --steps=40 --repeats=3
-step e2e_densenet121 450 python3 scripts/bench_end_to_end.py --model=densenet121 --data_dir="$data_dir" \
+step e2e_densenet121 450 python3 -m benchmarks.end_to_end --model=densenet121 --data_dir="$data_dir" \
   --output_dir=/tmp/runs --warm_rerun
 # A cold DenseNet121 run cut to 3 epochs: its start-up, compile, finish and median epoch in the time
 # one command may take; the 20-epoch total is then about total + 17 x median epoch.
-step e2e_densenet121_3ep 240 python3 scripts/bench_end_to_end.py --model=densenet121 --data_dir="$data_dir" \
+step e2e_densenet121_3ep 240 python3 -m benchmarks.end_to_end --model=densenet121 --data_dir="$data_dir" \
   --output_dir=/tmp/runs3 -- --epochs=3
-step step_densenet121 100 python3 scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 \
+step step_densenet121 100 python3 -m benchmarks.train_step --model=densenet121 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
-# DenseNet121's compile (63 s for the train step alone, 101 s in a cold run) with less convolution
-# autotuning: XLA's default level 4 times every candidate algorithm on initialised, checked buffers;
-# level 1 times them on uninitialised buffers, level 0 does not time them. Compile time against img/s.
+# DenseNet121 with less convolution autotuning, trading compile time against img/s: XLA's default
+# level 4 times every candidate algorithm on initialised, checked buffers; level 1 times them on
+# uninitialised buffers, level 0 does not time them.
 for level in 1 0; do
   step step_densenet121_autotune$level 100 env XLA_FLAGS="--xla_gpu_autotune_level=$level" python3 \
-    scripts/bench_train_step.py --model=densenet121 --image_size=224 --batch_size=128 --precision=bfloat16 \
+    -m benchmarks.train_step --model=densenet121 --image_size=224 --batch_size=128 --precision=bfloat16 \
     --steps=20 --repeats=3
 done
 # Where a ResNet50 epoch at batch 32 goes: device steps, Keras' per-step host work or the pipeline.
 # Then one epoch traced with jax.profiler: how busy the GPU's streams were and with what.
-step overhead_resnet50 180 python3 scripts/bench_fit_overhead.py --data_dir="$data_dir" --model=resnet50 \
+step overhead_resnet50 180 python3 -m benchmarks.fit_overhead --data_dir="$data_dir" --model=resnet50 \
   --precision=bfloat16 --profile_dir="$out/profile"
 # Section 1 on this host's cores: tf.data against a DataLoader with as many workers.
-step pipeline 120 python3 scripts/bench_pipeline.py --shared="$data_dir/.." --repeats=3
+step pipeline 120 python3 -m benchmarks.pipeline --shared="$data_dir/.." --repeats=3
 exit 0

@@ -11,52 +11,64 @@ run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16
 Both sides queue their steps and wait for the device once per window, as a training loop does:
 PyTorch eager reads the loss after the last step only, and Keras trains with ``fit`` (on a
 resident batch repeated by tf.data; a window is the second of two epochs, so that ``fit``'s own
-set-up is not timed). ``--keras_loop=train_on_batch``, what this script used before, returns
-each step's loss as a NumPy value, so Keras waits for every step while PyTorch does not.
+set-up is not timed). ``--keras_loop=train_on_batch`` returns each step's loss as a NumPy value,
+so Keras waits for every step while PyTorch does not.
 
-    python scripts/bench_train_step.py --model=resnet50 --image_size=96 --batch_size=16 --steps=5
+    python -m benchmarks.train_step --model=resnet50 --image_size=96 --batch_size=16 --steps=5
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
-from bench_fit_overhead import timed_fit  # this script's folder is on sys.path
+from absl import app, flags
+
+from xray_tf import cli
+
+flags.DEFINE_enum("model", "resnet50", ["resnet50", "densenet121"], "The network both sides train.")
+flags.DEFINE_integer("image_size", 96, "Image side in pixels.")
+flags.DEFINE_integer("batch_size", 16, "Batch size.")
+flags.DEFINE_integer("steps", 5, "Steps per timed window.")
+flags.DEFINE_integer("repeats", 3, "Timed windows per side, alternating.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "float32, or mixed bfloat16 on both sides.")
+flags.DEFINE_string("jit_compile", "auto", "Keras compile(jit_compile=...): auto, True or False.")
+flags.DEFINE_enum("keras_loop", "fit", ["fit", "train_on_batch"], "How the Keras side is driven (see above).")
+FLAGS = flags.FLAGS
 
 
-def keras_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
+def keras_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
     """Build and compile the Keras side once (two warm-up steps compile it); return its timer."""
     import keras
 
+    from benchmarks import timing
     from xray_tf import models
 
-    if args.precision == "bfloat16":
+    if FLAGS.precision == "bfloat16":
         keras.config.set_dtype_policy("mixed_bfloat16")
-    model = models.build_model(args.model, 4, args.image_size, weights="none")
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(),
-                  jit_compile=args.jit_compile)
-    if args.keras_loop == "train_on_batch":
-        return _timer("Keras", args, len(images), lambda: model.train_on_batch(images, labels),
+    model = models.build_model(FLAGS.model, 4, FLAGS.image_size, weights="none")
+    jit_compile = {"true": True, "false": False}.get(FLAGS.jit_compile.lower(), "auto")
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(), jit_compile=jit_compile)
+    if FLAGS.keras_loop == "train_on_batch":
+        return _timer("Keras", len(images), lambda: model.train_on_batch(images, labels),
                       lambda loss: float(np.asarray(loss)))
 
     import tensorflow as tf
 
     batches = tf.data.Dataset.from_tensors((images, labels)).repeat()
     start = time.perf_counter()
-    timed_fit(model, batches, steps=2, epochs=1)
+    timing.timed_fit(model, batches, steps=2, epochs=1)
     print(f"  Keras warm-up, 2 steps (compilation included): {time.perf_counter() - start:.1f} s", flush=True)
 
     def images_per_second() -> float:
-        return args.steps * len(images) / timed_fit(model, batches, args.steps, epochs=2)[-1]
+        return FLAGS.steps * len(images) / timing.timed_fit(model, batches, FLAGS.steps, epochs=2)[-1]
 
     return images_per_second
 
 
-def _timer(side: str, args: argparse.Namespace, batch_size: int, step: Callable, wait: Callable) -> Callable[[], float]:
+def _timer(side: str, batch_size: int, step: Callable, wait: Callable) -> Callable[[], float]:
     """Run two warm-up steps now; the returned function times ``--steps`` more and gives images/s.
 
     ``wait(result)`` blocks until the device has finished the step that produced ``result``.
@@ -68,10 +80,10 @@ def _timer(side: str, args: argparse.Namespace, batch_size: int, step: Callable,
 
     def images_per_second() -> float:
         start = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(FLAGS.steps):
             result = step()
         wait(result)
-        return args.steps * batch_size / (time.perf_counter() - start)
+        return FLAGS.steps * batch_size / (time.perf_counter() - start)
 
     return images_per_second
 
@@ -124,12 +136,12 @@ def torch_model(name: str):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 4))
 
 
-def torch_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
+def torch_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
     """Build the PyTorch side once (eager, channels-last, bf16 autocast if asked); return its timer."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = torch_model(args.model).to(device).to(memory_format=torch.channels_last)
+    model = torch_model(FLAGS.model).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
@@ -139,48 +151,37 @@ def torch_trainer(args: argparse.Namespace, images: np.ndarray, labels: np.ndarr
     def step():
         x = x_uint8.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=FLAGS.precision == "bfloat16"):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
-    return _timer("PyTorch", args, len(images), step, lambda loss: loss.item())
+    return _timer("PyTorch", len(images), step, lambda loss: loss.item())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["resnet50", "densenet121"], default="resnet50")
-    parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--jit_compile", default="auto", help="Keras compile(jit_compile=...): auto, True or False")
-    parser.add_argument("--keras_loop", choices=["fit", "train_on_batch"], default="fit",
-                        help="how the Keras side is driven (see above)")
-    args = parser.parse_args()
-    args.jit_compile = {"true": True, "false": False}.get(args.jit_compile.lower(), "auto")
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import keras  # after flag parsing, so that --help is fast
 
-    import keras
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 1), dtype=np.uint8)
-    labels = rng.integers(0, 4, args.batch_size).astype(np.int32)
-    print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
-          f"Keras backend {keras.backend.backend()} ({args.keras_loop}), {args.steps} steps x {args.repeats} "
+    images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 1), dtype=np.uint8)
+    labels = rng.integers(0, 4, FLAGS.batch_size).astype(np.int32)
+    print(f"{FLAGS.model}, {FLAGS.image_size} px, batch {FLAGS.batch_size}, {FLAGS.precision}, "
+          f"Keras backend {keras.backend.backend()} ({FLAGS.keras_loop}), {FLAGS.steps} steps x {FLAGS.repeats} "
           "alternating repeats", flush=True)
-    time_keras, time_torch = keras_trainer(args, images, labels), torch_trainer(args, images, labels)
+    time_keras, time_torch = keras_trainer(images, labels), torch_trainer(images, labels)
     ours, theirs = [], []
-    for repeat in range(args.repeats):
+    for repeat in range(FLAGS.repeats):
         ours.append(time_keras())
         theirs.append(time_torch())
         print(f"  repeat {repeat + 1}: Keras {ours[-1]:.1f} img/s, PyTorch {theirs[-1]:.1f} img/s", flush=True)
     keras_rate, torch_rate = statistics.median(ours), statistics.median(theirs)
-    print(f"| {args.model} | {args.image_size} | {args.batch_size} | {args.precision} | {keras.backend.backend()}, "
-          f"{args.keras_loop} "
-          f"| {keras_rate:.1f} | {torch_rate:.1f} | {keras_rate / torch_rate:.2f} |")
+    print(f"| {FLAGS.model} | {FLAGS.image_size} | {FLAGS.batch_size} | {FLAGS.precision} | {keras.backend.backend()}, "
+          f"{FLAGS.keras_loop} | {keras_rate:.1f} | {torch_rate:.1f} | {keras_rate / torch_rate:.2f} |")
 
 
 if __name__ == "__main__":
-    main()
+    cli.start(main)

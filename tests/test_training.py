@@ -1,9 +1,11 @@
-"""Reliability (issue 7): bad images, metadata and flags stop a run before it starts with one
-message naming the culprit; killed runs resume exactly; finished runs are never touched.
+"""One training run (``xray_tf.training``, through ``xray-train``): bad images, metadata and flags stop
+a run before it starts with one message naming the culprit; a diverging run stops; a killed run
+resumes exactly; a finished run is never touched (issue 7).
 
-Most CLI cases run ``xray_tf.train``'s flag parsing and ``main`` in this process (``train_cli``),
-which saves ~10 s of imports per case; the resume test and one --check_data test use real
-processes, since a process must be killed and an exit status observed from outside.
+Most CLI cases run ``xray_tf.cli.train``'s flag parsing and ``run_command`` in this process
+(``train_cli``), which saves ~10 s of imports per case; the resume test and one --check_data test use
+real processes, since a process must be killed and an exit status observed from outside. The backup
+format and the callbacks are tested on their own in test_checkpoint and test_callbacks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,12 +25,14 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 from absl import flags
+from conftest import REPO_ROOT, run_module
+from image_files import BAD_IMAGES, SUPPORTED_IMAGES
+from keras import ops
 from PIL import Image
 
-from conftest import REPO_ROOT, run_module
-from xray_tf import data, models, pipeline, synthetic, train, training
+from xray_tf import checkpoint, data, models, rundir, training
+from xray_tf.cli import train as train_command
 
 TINY = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=8"]
 
@@ -39,16 +42,16 @@ TINY = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=8
 
 
 def train_cli(*args: str) -> tuple[int, str]:
-    """``python -m xray_tf.train ARGS`` in this process: (exit status, error message + stdout).
+    """``xray-train ARGS`` in this process: (exit status, error message + stdout).
 
     Mirrors absl's ``app.run``: a flag that does not parse exits with status 1 and absl's message;
-    otherwise ``main`` runs and its ``sys.exit`` gives the status.
+    otherwise ``run_command`` runs and its ``sys.exit`` gives the status.
     """
     stdout = io.StringIO()
     try:
-        argv = train.FLAGS(["xray_tf.train", *args])
+        argv = train_command.FLAGS(["xray-train", *args])
         with contextlib.redirect_stdout(stdout):
-            train.main(argv)
+            train_command.run_command(argv)
         return 0, stdout.getvalue()
     except flags.Error as error:
         return 1, str(error)
@@ -57,74 +60,12 @@ def train_cli(*args: str) -> tuple[int, str]:
             return 1, exit_.code + "\n" + stdout.getvalue()
         return exit_.code or 0, stdout.getvalue()
     finally:
-        train.FLAGS.unparse_flags()
+        train_command.FLAGS.unparse_flags()
 
 
 def read_rows(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def ramp(height: int = 48, width: int = 64) -> np.ndarray:
-    """A grey left-to-right ramp with some texture, uint8."""
-    rows = np.tile(np.linspace(0, 255, width), (height, 1))
-    return np.clip(rows + 20 * np.sin(np.arange(height))[:, None], 0, 255).astype(np.uint8)
-
-
-def noise(size: int = 64) -> np.ndarray:
-    """Random pixels: they compress badly, so damage lands in the image data, not in padding."""
-    return np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
-
-
-def _truncated_jpeg(path: str) -> None:
-    Image.fromarray(noise(), "L").save(path, format="JPEG")
-    content = open(path, "rb").read()
-    open(path, "wb").write(content[: len(content) // 2])
-
-
-def _truncated_png(path: str) -> None:
-    Image.fromarray(noise(), "L").save(path, format="PNG")
-    content = open(path, "rb").read()
-    open(path, "wb").write(content[: len(content) // 2])
-
-
-def _corrupt_png(path: str) -> None:
-    Image.fromarray(noise(), "L").save(path, format="PNG")
-    content = bytearray(open(path, "rb").read())
-    content[16:24] = bytes(8)  # width and height in the header: 0 x 0
-    open(path, "wb").write(bytes(content))
-
-
-# Bad files written under an existing image's name: (writer, words the reason must contain).
-BAD_IMAGES = {
-    "zero_byte": (lambda path: open(path, "wb").close(), "empty file"),
-    "truncated_jpeg": (_truncated_jpeg, "JPEG file that does not decode"),
-    "corrupt_png": (_corrupt_png, "PNG file that does not decode"),
-    "truncated_png": (_truncated_png, "PNG file that ends early (truncated?)"),
-    "text_named_jpeg": (lambda path: open(path, "w").write("<html>404 Not Found</html>\n"), "not an image but text"),
-    "tiff": (lambda path: Image.fromarray(ramp(), "L").save(path, format="TIFF"), "TIFF image: not supported"),
-}
-
-# Odd but valid files: (writer, largest grey-level difference from the ramp saved as grey PNG).
-SUPPORTED_IMAGES = {
-    "gif": (lambda path: Image.fromarray(ramp(), "L").save(path, format="GIF"), 0),
-    "bmp": (lambda path: Image.fromarray(ramp(), "L").save(path, format="BMP"), 0),
-    "webp": (lambda path: Image.fromarray(ramp(), "L").save(path, format="WEBP", lossless=True), 0),
-    "cmyk_jpeg": (lambda path: Image.fromarray(ramp(), "L").convert("CMYK").save(path, format="JPEG", quality=95), 4),
-    "png_16_bit": (lambda path: Image.fromarray(ramp().astype(np.uint16) * 257).save(path, format="PNG"), 0),
-    "rgba_png": (lambda path: Image.fromarray(np.dstack([ramp()] * 3 + [np.full_like(ramp(), 128)]), "RGBA")
-                 .save(path, format="PNG"), 0),
-    "grey_alpha_png": (lambda path: Image.fromarray(ramp(), "L").convert("LA").save(path, format="PNG"), 0),
-    "rgb_jpeg": (lambda path: Image.fromarray(np.dstack([ramp()] * 3), "RGB").save(path, format="JPEG", quality=95),
-                 4),
-}
-
-
-@pytest.fixture(scope="module")
-def clean_dataset(tmp_path_factory) -> str:
-    """A tiny CoronaHack-layout dataset: 30 TRAIN images (12 Bacteria) and 24 TEST images."""
-    out = tmp_path_factory.mktemp("reliability") / "coronahack"
-    return synthetic.write_dataset(str(out), num_train=24, num_test=8, seed=7, min_size=40, max_size=64)
 
 
 @pytest.fixture
@@ -151,49 +92,7 @@ def bacteria_train_images(data_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Images
-
-
-@pytest.mark.parametrize("kind", sorted(SUPPORTED_IMAGES))
-def test_odd_but_valid_files_decode_like_their_grey_original(kind, tmp_path):
-    reference = str(tmp_path / "reference.png")
-    Image.fromarray(ramp(), "L").save(reference)
-    write, tolerance = SUPPORTED_IMAGES[kind]
-    path = str(tmp_path / f"image.{kind}")
-    write(path)
-    decoded = pipeline.decode_image(tf.constant(path), 32).numpy().astype(int)
-    expected = pipeline.decode_image(tf.constant(reference), 32).numpy().astype(int)
-    assert np.abs(decoded - expected).max() <= tolerance
-    assert pipeline.find_unreadable([path], 32) == {}
-
-
-def test_tiny_and_huge_images_decode(tmp_path):
-    one = str(tmp_path / "one.png")
-    Image.fromarray(np.full((1, 1), 200, np.uint8), "L").save(one)
-    huge = str(tmp_path / "huge.png")  # 10000 x 10000: 100 MB decoded, ~100 kB on disk
-    Image.fromarray(np.zeros((10_000, 10_000), np.uint8), "L").save(huge)
-    assert np.all(pipeline.decode_image(tf.constant(one), 32).numpy() == 200)
-    assert np.all(pipeline.decode_image(tf.constant(huge), 32).numpy() == 0)
-    assert pipeline.find_unreadable([one, huge], 32) == {}
-
-
-@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
-def test_find_unreadable_says_why(kind, tmp_path):
-    write, words = BAD_IMAGES[kind]
-    bad, good = str(tmp_path / "bad.jpeg"), str(tmp_path / "good.png")
-    write(bad)
-    Image.fromarray(ramp(), "L").save(good)
-    assert set(pipeline.find_unreadable([good, bad, good], 32)) == {bad}
-    assert words in pipeline.find_unreadable([bad], 32)[bad]
-
-
-def test_unsupported_formats_are_named():
-    dicom = bytes(128) + b"DICM" + bytes(16)
-    assert pipeline.sniff_format(dicom) == "DICOM"
-    assert pipeline.sniff_format(b"II*\x00" + bytes(8)) == "TIFF"
-    assert pipeline.sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WebP"
-    assert pipeline.sniff_format(b"hello") is None
-    assert set(pipeline.UNSUPPORTED_FORMATS) == {"TIFF", "DICOM", "JPEG 2000"}
+# Images (what each bad file is called: test_decode and test_image_cache)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
@@ -322,7 +221,7 @@ BAD_METADATA = {
 def test_bad_metadata_stops_training_before_it_starts(case, dataset, tmp_path):
     culprit = BAD_METADATA[case](dataset)
     status, message = train_cli(*TINY, f"--data_dir={dataset}", f"--output_dir={tmp_path / 'runs'}")
-    assert status == 1 and message.startswith("xray_tf.train: error: ")
+    assert status == 1 and message.startswith("xray-train: error: ")
     assert culprit in message
     assert not os.path.exists(tmp_path / "runs")
 
@@ -343,16 +242,17 @@ BAD_FLAGS = {  # case -> (flags, words the message must contain)
     "unknown_loss": (["--loss=hinge"], "--loss=hinge: value should be one of"),
     "unknown_task": (["--task=three_class"], "--task=three_class: value should be one of"),
     "unknown_on_bad_image": (["--on_bad_image=ignore"], "--on_bad_image=ignore: value should be one of"),
-    "zero_epochs": (["--epochs=0"], "--epochs=0 must be positive"),
-    "negative_epochs": (["--epochs=-3"], "--epochs=-3 must be positive"),
-    "zero_batch_size": (["--batch_size=0"], "--batch_size=0 must be positive"),
-    "small_image_size": (["--image_size=31"], "--image_size=31 is below 32"),
-    "val_fraction_zero": (["--val_fraction=0"], "--val_fraction=0.0 must be strictly between 0 and 1"),
-    "val_fraction_one": (["--val_fraction=1.5"], "--val_fraction=1.5 must be strictly between 0 and 1"),
+    "zero_epochs": (["--epochs=0"], "--epochs=0: must be positive"),
+    "negative_epochs": (["--epochs=-3"], "--epochs=-3: must be positive"),
+    "zero_batch_size": (["--batch_size=0"], "--batch_size=0: must be positive"),
+    "small_image_size": (["--image_size=31"], "--image_size=31: below 32"),
+    "val_fraction_zero": (["--val_fraction=0"], "--val_fraction=0.0: must be strictly between 0 and 1"),
+    "val_fraction_one": (["--val_fraction=1.5"], "--val_fraction=1.5: must be strictly between 0 and 1"),
     "chexnet_weights_missing": (["--model=densenet_chexnet", "--chexnet_weights=/nowhere/chexnet.weights.h5"],
-                                "--chexnet_weights='/nowhere/chexnet.weights.h5' does not exist"),
-    "chexnet_without_weights": (["--model=densenet_chexnet"], "--model=densenet_chexnet needs --chexnet_weights"),
-    "resume_without_run_name": (["--resume"], "--resume needs --run_name"),
+                                "--chexnet_weights=/nowhere/chexnet.weights.h5: no such file"),
+    "chexnet_without_weights": (["--model=densenet_chexnet"],
+                                "--chexnet_weights=None: --model=densenet_chexnet needs the converted CheXNet weights"),
+    "resume_without_run_name": (["--resume"], "--run_name=None: --resume needs the name of the run directory"),
 }
 
 
@@ -368,7 +268,7 @@ def test_an_output_dir_that_cannot_be_created_is_named(clean_dataset, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     status, message = train_cli(*TINY, f"--data_dir={clean_dataset}", f"--output_dir={blocker / 'runs'}")
-    assert status == 1 and f"--output_dir='{blocker / 'runs'}' cannot be created: {blocker} is a file" in message
+    assert status == 1 and f"--output_dir={blocker / 'runs'}: cannot be created: {blocker} is a file" in message
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -376,169 +276,49 @@ def test_a_read_only_output_dir_is_named(clean_dataset, tmp_path):
     read_only = tmp_path / "read_only"
     read_only.mkdir(mode=0o500)
     status, message = train_cli(*TINY, f"--data_dir={clean_dataset}", f"--output_dir={read_only}")
-    assert status == 1 and "is not writable" in message
+    assert status == 1 and f"--output_dir={read_only}: not writable" in message
 
 
+# Loading weights of another architecture on purpose: Keras warns about each layer before it fails.
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
 def test_chexnet_weights_of_another_architecture_are_refused(clean_dataset, tmp_path):
     weights = _wrong_architecture_weights(tmp_path)
     status, message = train_cli(*TINY, "--model=densenet_chexnet", f"--chexnet_weights={weights}",
                                 f"--data_dir={clean_dataset}", f"--output_dir={tmp_path / 'runs'}")
-    assert status == 1 and f"--chexnet_weights='{weights}' is not a converted CheXNet weights file" in message
+    assert status == 1 and f"--chexnet_weights={weights}: not a converted CheXNet weights file" in message
     assert not os.path.exists(tmp_path / "runs")
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: divergence, backups, resume
+# Runs: the learning-rate schedule, divergence, skipped images, resume
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_a_message_about_the_learning_rate(clean_dataset, tmp_path):
     status, message = train_cli(*TINY, "--epochs=3", "--learning_rate=1e38", f"--data_dir={clean_dataset}",
                                 f"--output_dir={tmp_path}", "--run_name=nan")
     assert status == 1
     assert "the loss became NaN or infinite. Lower --learning_rate (it is 1e+38)" in message
     assert not os.path.exists(tmp_path / "nan" / "metrics.json")
-    assert not os.path.exists(tmp_path / "nan" / training.BACKUP_DIR)  # the NaN epoch is not backed up
+    assert not os.path.exists(tmp_path / "nan" / rundir.BACKUP)  # the NaN epoch is not backed up
 
 
-def test_read_history_keeps_the_epochs_of_the_backup(tmp_path):
-    path = str(tmp_path / "history.csv")
-    with open(path, "w") as handle:
-        handle.write("epoch,loss,val_loss\n1,2.5,2.0\n2,1.5,\n3,1.0,0.5\n")
-    assert training.read_history(path, 2) == [{"epoch": 1, "loss": 2.5, "val_loss": 2.0}, {"epoch": 2, "loss": 1.5}]
-    assert training.read_history(str(tmp_path / "none.csv"), 2) == []
+def test_step_decay_halves_every_ten_epochs():
+    rates = {epoch: training.step_decay(epoch, 1e-3, 0.5, 10) for epoch in (0, 9, 10, 19, 20)}
+    assert rates[0] == rates[9] == pytest.approx(1e-3)
+    assert rates[10] == rates[19] == pytest.approx(5e-4)
+    assert rates[20] == pytest.approx(2.5e-4)
 
 
-def test_epoch_backup_restores_weights_and_optimizer_state(tmp_path):
-    def compiled() -> keras.Model:
-        keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
-        return model
-
-    x, y = np.random.default_rng(0).normal(size=(16, 3)), np.zeros((16, 2))
-    trained = compiled()
-    trained.fit(x, y, epochs=3, verbose=0, callbacks=[training.EpochBackup(str(tmp_path))])
-    assert os.listdir(tmp_path) == ["epoch-0003.npz"]  # older backups removed
-    restored = compiled()
-    assert training.restore_backup(restored, str(tmp_path)) == 3
-    assert len(trained.optimizer.variables) == len(restored.optimizer.variables) > 2
-    pairs = zip(trained.optimizer.variables + trained.weights, restored.optimizer.variables + restored.weights)
-    for mine, theirs in pairs:
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
-    assert training.restore_backup(compiled(), str(tmp_path / "none")) == 0
-    older_format = tmp_path / "h5"  # what runs started before backups became .npz left behind
-    older_format.mkdir()
-    trained.save_weights(str(older_format / "epoch-0002.weights.h5"))
-    from_h5 = compiled()
-    assert training.restore_backup(from_h5, str(older_format)) == 2
-    np.testing.assert_array_equal(from_h5.get_weights()[0], trained.get_weights()[0])
-    wider = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5)])
-    wider.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
-    with pytest.raises(ValueError, match="epoch-0003.npz holds the training state of another model"):
-        training.restore_backup(wider, str(tmp_path))
-
-
-@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])  # the latter wraps Adam in a LossScaleOptimizer
-def test_the_best_epochs_backup_is_kept_and_becomes_the_model_file(policy, tmp_path):
-    """Backups of the newest and the best epoch stay; ``write_best_model`` saves the best one's state."""
-    with training.global_dtype_policy(policy):
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    backup_dir = str(tmp_path / "backup")
-    backup = training.EpochBackup(backup_dir)
-    backup.set_model(model)
-    backup.on_train_begin()
-    states = []
-    for epoch, val_loss in enumerate([3.0, 1.0, 2.0, math.nan, 4.0]):
-        model.layers[0].kernel.assign(np.full((3, 2), epoch, np.float32))
-        model.optimizer.iterations.assign(10 * epoch)
-        states.append([keras.ops.convert_to_numpy(v) for v in model.weights + model.optimizer.variables])
-        backup.on_epoch_end(epoch, {"val_loss": val_loss})
-        backup._wait()
-    backup.on_train_end()
-    assert backup.best_epoch == 2 and backup.best == 1.0
-    assert sorted(os.listdir(backup_dir)) == ["epoch-0002.npz", "epoch-0005.npz"]
-    path = str(tmp_path / "model.keras")
-    best = training.write_best_model(keras.saving.serialize_keras_object(model), policy, backup_dir, 2, path)
-    assert len(best.optimizer.variables) == len(model.optimizer.variables)
-    for expected, variable in zip(states[1], best.weights + best.optimizer.variables):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)
-    np.testing.assert_array_equal(models.load_model(path).get_weights()[0], states[1][0])
-    assert training.restore_backup(model, backup_dir) == 5  # resuming takes the newest
-
-
-def test_a_run_resumed_from_an_older_version_keeps_the_model_file_it_wrote(tmp_path):
-    """Older versions saved ``model.keras`` at each new best epoch and kept no backup of it."""
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    (tmp_path / "backup").mkdir()
-    loaded = training.write_best_model(keras.saving.serialize_keras_object(model), "float32",
-                                       str(tmp_path / "backup"), 2, path)
-    np.testing.assert_array_equal(loaded.get_weights()[0], model.get_weights()[0])
-
-
-def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):
-    """The backup is written by a thread; its error must still reach the training thread."""
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    with pytest.raises(OSError):
-        model.fit(np.zeros((4, 3)), np.zeros((4, 2)), epochs=2, verbose=0,
-                  callbacks=[training.EpochBackup(str(blocker / "backup"))])
-
-
-def test_an_epoch_is_the_same_batches_whenever_it_is_built(clean_dataset):
-    index = data.load_index(clean_dataset)
-    for sampler in ("balanced", "none"):
-        settings = pipeline.PipelineSettings(image_size=32, batch_size=8, sampler=sampler, seed=5)
-        datasets = pipeline.build_datasets(index.frame, 4, settings)
-        steps = datasets.steps_per_epoch
-        whole = [images.numpy() for images, _ in datasets.epochs(0, 3)]
-        assert len(whole) == 3 * steps
-        rebuilt = pipeline.build_datasets(index.frame, 4, settings)
-        third = [images.numpy() for images, _ in rebuilt.epochs(2, 3)]
-        assert all(np.array_equal(a, b) for a, b in zip(whole[2 * steps:], third)), sampler
-        assert not np.array_equal(whole[0], whole[steps])  # epochs differ from each other
-
-
-def test_interrupted_and_restored_training_ends_with_the_same_final_weights(clean_dataset, tmp_path):
-    """The resume mechanism on a small model in this process, on the TF and JAX backends: epochs
-    0-3 in one go equal epochs 0-1, a backup, a new model restored from it, and epochs 2-3; final
-    weights compared exactly."""
-    index = data.load_index(clean_dataset)
-    datasets = pipeline.build_datasets(index.frame, 4, pipeline.PipelineSettings(image_size=32, batch_size=8))
-    pipeline.fill_caches(datasets)
-
-    def fitted(first: int, stop: int, backup_dir: str) -> keras.Model:
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-                                  keras.layers.Dense(4, activation="softmax")])
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
-        assert training.restore_backup(model, backup_dir) == first
-        schedule = keras.callbacks.LearningRateScheduler(lambda epoch: training.step_decay(epoch, 1e-2, 0.5, 1))
-        training.fit_epochs(model, datasets, first, stop, verbose=0,
-                            callbacks=[schedule, training.EpochBackup(backup_dir)])
-        return model
-
-    uninterrupted = fitted(0, 4, str(tmp_path / "one_go"))
-    fitted(0, 2, str(tmp_path / "interrupted"))
-    resumed = fitted(2, 4, str(tmp_path / "interrupted"))
-    for mine, theirs in zip(uninterrupted.get_weights(), resumed.get_weights()):
-        np.testing.assert_array_equal(mine, theirs)
-
-
-def test_the_resume_mechanism_is_exact_on_jax_too():
-    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[test] brings jax[cpu])")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=", "-W", "ignore",
-         f"{__file__}::test_interrupted_and_restored_training_ends_with_the_same_final_weights"],
-        cwd=REPO_ROOT, env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:]
+def test_scheduler_sets_the_optimizer_rate():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(float(ops.convert_to_numpy(model.optimizer.learning_rate))))
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: training.step_decay(epoch, 1e-3, 0.5, 2))
+    model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=5, verbose=0, callbacks=[schedule, record])
+    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
 
 
 RESUME_FLAGS = [*TINY, "--epochs=4", "--lr_decay_epochs=2", "--on_bad_image=skip"]
@@ -555,8 +335,8 @@ def _train_process(data_dir: str, output_dir: str, run_name: str, log: str) -> s
 
 def _newest_backup(run_dir: str) -> int:
     """The newest epoch backed up in ``run_dir`` (0: none); files still being written have other names."""
-    backups = training._backups(os.path.join(run_dir, training.BACKUP_DIR))
-    return training._backup_epoch(backups[-1]) if backups else 0
+    backups = checkpoint.backups(os.path.join(run_dir, rundir.BACKUP))
+    return checkpoint.backup_epoch(backups[-1]) if backups else 0
 
 
 def _history_rows(run_dir: str) -> int:
@@ -604,9 +384,10 @@ def resumed(tmp_path_factory, clean_dataset) -> dict:
             "bad": bad, "data_dir": str(data_dir), "log": result.stderr}
 
 
+@pytest.mark.slow
 def test_skip_trains_on_the_rest_and_lists_what_was_skipped(resumed):
     run_dir = resumed["reference"]
-    skipped = read_rows(os.path.join(run_dir, training.SKIPPED_IMAGES_CSV))
+    skipped = read_rows(os.path.join(run_dir, rundir.SKIPPED_IMAGES))
     assert [row["path"] for row in skipped] == sorted(resumed["bad"])
     reasons = [row["reason"] for row in skipped]
     assert reasons == ["empty file (0 bytes)", "not an image but text starting 'not an image'"]
@@ -615,6 +396,7 @@ def test_skip_trains_on_the_rest_and_lists_what_was_skipped(resumed):
     assert sum(metrics["images"]["train"].values()) + sum(metrics["images"]["val"].values()) == 28  # 30 - 2
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_result(resumed):
     """Bit-identical on CPU: every epoch is the same batches (``Datasets.epochs``), the backup
     holds weights and Adam's state, and the LR schedule is a function of the epoch. Tolerance:
@@ -636,9 +418,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(resumed):
     metrics = [json.load(open(os.path.join(resumed[run], "metrics.json"))) for run in ("reference", "resumed")]
     assert metrics[0]["model_selection"] == metrics[1]["model_selection"]
     assert metrics[1]["resumed_after_epoch"] in (2, 3)
-    assert not os.path.exists(os.path.join(resumed["resumed"], training.BACKUP_DIR))
+    assert not os.path.exists(os.path.join(resumed["resumed"], rundir.BACKUP))
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_never_resumed_or_touched(resumed):
     run_dir = resumed["reference"]
     before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
@@ -648,6 +431,7 @@ def test_a_finished_run_is_never_resumed_or_touched(resumed):
     assert before == {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_missing_runs(resumed, tmp_path):
     run_dir = resumed["resumed"]
     os.rename(os.path.join(run_dir, "metrics.json"), tmp_path / "metrics.json")  # as if unfinished

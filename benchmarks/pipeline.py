@@ -14,31 +14,41 @@ Two measurements:
 * cached epochs: ``../shared/data/coronahack`` TRAIN split; ours reads the uint8 cache, PyTorch
   decodes every image every epoch (what a DataLoader does without extra code).
 
-    python scripts/bench_pipeline.py --repeats=3
+    python -m benchmarks.pipeline --repeats=3
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's xray_tf
+import numpy as np
+import pandas as pd
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from xray_tf import cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+flags.DEFINE_string("shared", os.path.join(REPO_ROOT, "..", "shared", "data"),
+                    "The folder holding fullres/ and coronahack/.")
+flags.DEFINE_integer("image_size", 224, "Image side in pixels.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("workers", os.cpu_count(), "DataLoader workers.")
+flags.DEFINE_integer("decode_files", 320, "Paths in the first-epoch measurement (fullres/ repeated).")
+flags.DEFINE_integer("repeats", 3, "Interleaved repeats per side.")
+FLAGS = flags.FLAGS
 
 
 def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, first_epoch: bool) -> float:
     """Seconds for one training epoch of xray_tf's pipeline (including the decode pass if ``first_epoch``).
 
     The decode pass is the one a training run makes: every file decoded once, checked and kept as the
-    in-memory cache (``decode_images``, as ``training.prepare_data`` calls it).
+    in-memory cache (``image_cache.decode_images``, as ``training.prepare_data`` calls it).
     """
-    from xray_tf import pipeline
+    from xray_tf import image_cache, pipeline
 
     settings = pipeline.PipelineSettings(image_size=image_size, batch_size=batch_size, cache="memory")
     datasets = pipeline.build_datasets(frame, int(frame["label_index"].max()) + 1, settings)
@@ -48,7 +58,7 @@ def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, 
             pass
     start = time.perf_counter()
     if first_epoch:
-        decoded = pipeline.decode_images(frame["path"], image_size, "memory", log_every_s=1e9)
+        decoded = image_cache.decode_images(frame["path"], image_size, "memory", log_every_s=1e9)
         pipeline.fill_caches(datasets, decoded)
     for images, _ in datasets.epochs(1, 2):
         images.numpy()
@@ -110,11 +120,12 @@ def cached_frame(shared: str) -> pd.DataFrame:
     return index.frame[index.frame["split"] == "train"]
 
 
-def compare(name: str, frame: pd.DataFrame, args: argparse.Namespace, first_epoch: bool) -> dict:
+def compare(name: str, frame: pd.DataFrame, first_epoch: bool) -> dict:
+    """Both sides on ``frame``, interleaved ``--repeats`` times: their median rates and the ratio."""
     ours, theirs = [], []
-    for repeat in range(args.repeats):
-        ours.append(tfdata_epoch_seconds(frame, args.image_size, args.batch_size, first_epoch))
-        theirs.append(torch_epoch_seconds(frame, args.image_size, args.batch_size, args.workers))
+    for repeat in range(FLAGS.repeats):
+        ours.append(tfdata_epoch_seconds(frame, FLAGS.image_size, FLAGS.batch_size, first_epoch))
+        theirs.append(torch_epoch_seconds(frame, FLAGS.image_size, FLAGS.batch_size, FLAGS.workers))
         print(f"  {name} repeat {repeat + 1}: tf.data {len(frame) / ours[-1]:.0f} img/s, "
               f"PyTorch DataLoader {len(frame) / theirs[-1]:.0f} img/s", flush=True)
     ours_rate, theirs_rate = len(frame) / statistics.median(ours), len(frame) / statistics.median(theirs)
@@ -122,21 +133,14 @@ def compare(name: str, frame: pd.DataFrame, args: argparse.Namespace, first_epoc
             "DataLoader img/s": round(theirs_rate), "ratio": round(ours_rate / theirs_rate, 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--decode_files", type=int, default=320)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    print(f"{os.cpu_count()} CPU cores, {args.workers} DataLoader workers, {args.image_size} px, "
-          f"batch {args.batch_size}, {args.repeats} interleaved repeats", flush=True)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    print(f"{os.cpu_count()} CPU cores, {FLAGS.workers} DataLoader workers, {FLAGS.image_size} px, "
+          f"batch {FLAGS.batch_size}, {FLAGS.repeats} interleaved repeats", flush=True)
     rows = [
-        compare("first epoch (decode full-res)", decode_frame(args.shared, args.decode_files), args, True),
-        compare("cached epoch (CoronaHack train)", cached_frame(args.shared), args, False),
+        compare("first epoch (decode full-res)", decode_frame(FLAGS.shared, FLAGS.decode_files), True),
+        compare("cached epoch (CoronaHack train)", cached_frame(FLAGS.shared), False),
     ]
     print("\n| benchmark | images | tf.data img/s | DataLoader img/s | ratio |\n|---|---|---|---|---|")
     for row in rows:
@@ -144,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.start(main)

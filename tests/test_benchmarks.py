@@ -1,0 +1,69 @@
+"""benchmarks/: every script starts and shows its flags; the timing callbacks the scripts share."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each benchmark module and one flag of its own that --help must list.
+MODULES = {"pipeline": "--decode_files", "train_step": "--keras_loop", "end_to_end": "--child_report",
+           "fit_overhead": "--profile_dir"}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_help(name):
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=REPO_ROOT, check=False,
+                            capture_output=True, text=True, timeout=120)
+    # The benchmarks start like the commands (xray_tf.cli.start): --help exits 0.
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert MODULES[name] in result.stdout and "Try --helpfull" in result.stdout, result.stdout
+
+
+@pytest.fixture
+def timing(monkeypatch):
+    """``benchmarks.timing``, importable from the repository root, where the benchmarks run."""
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    return importlib.import_module("benchmarks.timing")
+
+
+def tiny_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def test_fit_clock_and_epoch_clock(timing):
+    rng = np.random.default_rng(0)
+    images, targets = rng.normal(size=(8, 3)).astype("float32"), rng.normal(size=(8, 2)).astype("float32")
+    fit_clock, epoch_clock = timing.FitClock(), timing.EpochClock()
+    with pytest.raises(RuntimeError):
+        fit_clock.split(0.0, 1.0)
+    start = time.perf_counter()
+    tiny_model().fit(images, targets, batch_size=4, epochs=2, verbose=0, callbacks=[fit_clock, epoch_clock])
+    end = time.perf_counter()
+
+    assert start <= fit_clock.first_epoch_begin <= fit_clock.last_epoch_end <= end
+    assert len(epoch_clock.seconds) == 2 and all(seconds > 0 for seconds in epoch_clock.seconds)
+    parts = fit_clock.split(start, end)
+    assert all(seconds >= 0 for seconds in parts.values())
+    assert sum(parts.values()) == pytest.approx(end - start)
+
+
+def test_timed_fit(timing):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    feed = tf.data.Dataset.from_tensor_slices((rng.normal(size=(8, 3)).astype("float32"),
+                                               rng.normal(size=(8, 2)).astype("float32"))).batch(4).repeat()
+    seconds = timing.timed_fit(tiny_model(), feed, steps=2, epochs=2)
+    assert len(seconds) == 2 and all(value > 0 for value in seconds)

@@ -1,0 +1,192 @@
+"""The run directory: its file names, its creation, atomic writes, and the readers of its files.
+
+No other module spells a run file's name. A run never writes into another run's directory, and
+every file appears by rename from a temporary name beside it, so a crash or a full disk leaves
+the previous complete file or none -- never half a ``history.csv`` or half a SavedModel. Files
+and directories are created with modes ``0o666`` and ``0o777`` for the kernel to reduce by the
+umask, as ``open`` and ``mkdir`` do, so colleagues and serving containers can read results where
+the umask allows (``tempfile`` would make them private to the owner whatever the umask).
+
+Only the standard library, pandas and the config are imported: tables and plots read run
+directories without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from xray_tf.config import TrainConfig
+from xray_tf.data import read_csv_checked
+
+FLAGS = "flags.txt"  # every setting, reusable as --flagfile
+CLASSES = "classes.json"  # class names in the order of the model's outputs
+HISTORY = "history.csv"  # one row per finished epoch
+METRICS = "metrics.json"  # written last: a run with it has finished
+MODEL = "model.keras"
+SAVED_MODEL = "saved_model"
+SKIPPED_IMAGES = "skipped_images.csv"
+BACKUP = "backup"  # per-epoch training state while the run is unfinished
+
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def metrics_of_split(split: str) -> str:
+    """``xray-evaluate``'s report of one split; it takes precedence over ``metrics.json``'s."""
+    return f"metrics_{split}.json"
+
+
+def predictions_of_split(split: str) -> str:
+    return f"predictions_{split}.csv"
+
+
+def confusion_matrix_png(split: str) -> str:
+    return f"confusion_matrix_{split}.png"
+
+
+def roc_png(split: str) -> str:
+    return f"roc_{split}.png"
+
+
+class RunError(ValueError):
+    """A run directory lacks a file, or a file cannot be read; the message names the file."""
+
+
+def create(output_dir: str, run_name: str) -> str:
+    """Create and return ``output_dir/run_name``, adding ``-2``, ``-3`` ... if that name is taken."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"{output_dir}: cannot be created ({error.strerror}).") from None
+    for attempt in range(1, 10_000):
+        path = os.path.join(output_dir, run_name if attempt == 1 else f"{run_name}-{attempt}")
+        try:
+            os.mkdir(path)  # atomic: two runs starting together never share a directory
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"Too many runs named {run_name!r} in {output_dir}.")
+
+
+def _temporary_beside(path: str) -> str:
+    """An unused name in ``path``'s folder that keeps its ending, from which Keras and NumPy pick a format."""
+    directory, name = os.path.split(os.path.abspath(path))
+    ending = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
+    return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp{ending}")
+
+
+def write_atomic(path: str, write: Callable[[str], None], directory: bool = False) -> None:
+    """``write(temporary)`` beside ``path``, then rename it onto ``path``.
+
+    With ``directory`` the temporary is an empty folder for ``write`` to fill (a SavedModel);
+    otherwise ``write`` creates the temporary file itself. A failure removes the temporary and
+    leaves ``path`` as it was.
+    """
+    temporary = _temporary_beside(path)
+    try:
+        if directory:
+            os.mkdir(temporary, 0o777)
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.isdir(temporary) and not os.path.islink(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.lexists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_bytes(path: str, content: bytes) -> None:
+    def write(temporary: str) -> None:
+        with open(temporary, "xb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_atomic(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str, payload: object) -> None:
+    write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str) -> object:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file.") from None
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path}: not valid JSON ({error}).") from None
+
+
+def read_config(run_dir: str) -> TrainConfig:
+    """The settings the run was started with (``flags.txt``)."""
+    path = os.path.join(run_dir, FLAGS)
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: no such file (not a run directory of xray-train?).")
+    try:
+        return TrainConfig.from_flagfile(path)
+    except ValueError as error:
+        raise RunError(f"{path}: {error}") from None
+
+
+def read_classes(run_dir: str) -> list[str]:
+    return list(read_json(os.path.join(run_dir, CLASSES)))
+
+
+def read_metrics(run_dir: str) -> dict:
+    return dict(read_json(os.path.join(run_dir, METRICS)))
+
+
+def read_history(run_dir: str) -> pd.DataFrame:
+    """``history.csv``: one row per epoch with at least ``HISTORY_COLUMNS``."""
+    return read_csv_checked(os.path.join(run_dir, HISTORY), HISTORY_COLUMNS, error=RunError, rows="epochs")
+
+
+def split_reports(run_dir: str) -> dict[str, tuple[dict, str]]:
+    """``split -> (classification report, file it came from)`` for the run's kept model.
+
+    ``metrics_<split>.json`` (``xray-evaluate``, possibly on another copy of the data such as the
+    full dataset with its TEST split) takes precedence over the split in ``metrics.json``.
+    """
+    reports = {split: (report, METRICS) for split, report in read_metrics(run_dir).get("splits", {}).items()}
+    for split in ("val", "test"):
+        path = os.path.join(run_dir, metrics_of_split(split))
+        if os.path.isfile(path):
+            reports[split] = (read_json(path), metrics_of_split(split))
+    return reports
+
+
+def is_finished(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, METRICS))
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, HISTORY)) or is_finished(path)
+
+
+def find_runs(paths: Sequence[str]) -> list[str]:
+    """Expand each path (a run directory, or a folder whose sub-folders are runs) into run directories."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise RunError(f"{path}: not a directory.")
+        if is_run_dir(path):
+            runs.append(path)
+            continue
+        children = sorted(os.path.join(path, name) for name in os.listdir(path))
+        found = [child for child in children if os.path.isdir(child) and is_run_dir(child)]
+        if not found:
+            raise RunError(f"{path}: neither a run directory ({HISTORY}, {METRICS}) nor a folder of runs.")
+        runs.extend(found)
+    return runs

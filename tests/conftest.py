@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from xray_tf import synthetic
+from xray_tf import data, pipeline, synthetic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
@@ -108,3 +109,20 @@ def paper_results(tmp_path_factory, tiny_dataset) -> str:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return str(results)
+
+
+def small_settings(**overrides) -> pipeline.PipelineSettings:
+    """Pipeline settings small enough for a test: 32 px, batches of 8."""
+    return pipeline.PipelineSettings(**{"image_size": 32, "batch_size": 8, **overrides})
+
+
+def epoch(datasets: pipeline.Datasets, number: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Epoch ``number``'s training batches as NumPy arrays."""
+    return [(images.numpy(), labels.numpy()) for images, labels in datasets.epochs(number, number + 1)]
+
+
+@pytest.fixture(scope="module")
+def index(tiny_dataset) -> data.DataIndex:
+    """The tiny dataset's index with a 20 % validation split."""
+    return data.load_index(tiny_dataset, val_fraction=0.2)
+

@@ -9,23 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import epoch, small_settings
 from image_files import BAD_IMAGES, ramp
 from PIL import Image
 
-from xray_tf import data, decode, image_cache, pipeline
-
-
-def small_settings(**overrides) -> pipeline.PipelineSettings:
-    return pipeline.PipelineSettings(**{"image_size": 32, "batch_size": 8, **overrides})
-
-
-def epoch(datasets: pipeline.Datasets, number: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(images.numpy(), labels.numpy()) for images, labels in datasets.epochs(number, number + 1)]
-
-
-@pytest.fixture(scope="module")
-def index(tiny_dataset) -> data.DataIndex:
-    return data.load_index(tiny_dataset, val_fraction=0.2)
+from xray_tf import decode, image_cache, pipeline
 
 
 def grey_files(folder, count: int = 5) -> list[str]:

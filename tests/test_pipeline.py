@@ -11,21 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import epoch, small_settings
 
-from xray_tf import data, decode, distribution, pipeline
-
-
-def small_settings(**overrides) -> pipeline.PipelineSettings:
-    return pipeline.PipelineSettings(**{"image_size": 32, "batch_size": 8, **overrides})
-
-
-def epoch(datasets: pipeline.Datasets, number: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(images.numpy(), labels.numpy()) for images, labels in datasets.epochs(number, number + 1)]
-
-
-@pytest.fixture(scope="module")
-def index(tiny_dataset) -> data.DataIndex:
-    return data.load_index(tiny_dataset, val_fraction=0.2)
+from xray_tf import decode, distribution, pipeline
 
 
 def test_shapes_dtypes_and_step_count(index):

@@ -40,7 +40,7 @@ def test_a_second_process_loads_the_program_the_first_compiled(tmp_path):
     second = _compile_in_new_process("auto", {"JAX_COMPILATION_CACHE_DIR": directory})
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"cache: {directory}" in second.stdout
-    assert "Persistent compilation cache hit for 'jit__lambda'" in second.stderr
+    assert "Persistent compilation cache hit for 'jit__lambda" in second.stderr  # jax < 0.7 adds a '_'
 
 
 def test_the_tensorflow_backend_caches_nothing(tmp_path):

@@ -39,6 +39,7 @@ COMMANDS = {
 _STARTUP_NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IW]\d{4} .*"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IW] \S+|E \S*cuda\S*) .*"  # older TensorFlow's format
     r"|E\d{4} .*(cuInit|CUDA|cuda|GPU).*"
     r"|To enable the following instructions: .*"
 )

@@ -47,7 +47,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "CoronaHack folder; omitted: t
 _EXTRA_DATA = flags.DEFINE_string("extra_data", None,
                                   "Extra COVID-19 images (metadata.csv, images/), for --with_extra.")
 _WITH_EXTRA = flags.DEFINE_bool("with_extra", False, "Also run every experiment with --extra_data (Table 2).")
-_EVALUATE_SPLITS = flags.DEFINE_list("evaluate_splits", ["val"], "Splits to run python -m xray_tf.evaluate on "
+_EVALUATE_SPLITS = flags.DEFINE_list("evaluate_splits", ["val"], "Splits to run xray-evaluate on "
                                      "after each run (val, test; empty for none).")
 _SKIP_MISSING_CHEXNET = flags.DEFINE_bool("skip_missing_chexnet", False, "Skip (and list) the CheXNet experiments "
                                           "when their --chexnet_weights file is missing, instead of stopping.")

@@ -33,7 +33,6 @@ import tensorflow as tf
 
 from xray_tf import models, pipeline
 from xray_tf.config import DISTRIBUTIONS, ConfigError
-from xray_tf.decode import AUTOTUNE, without_autotune_thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +114,8 @@ def share_of_batches(batches: tf.data.Dataset, batch_size: int, worker: int = 0,
         return (tf.reshape(images[start:start + share], [pieces, share // pieces, *images.shape[1:]]),
                 tf.reshape(labels[start:start + share], [pieces, share // pieces, labels.shape[-1]]))
 
-    return without_autotune_thread(batches.map(keep_share).unbatch().prefetch(AUTOTUNE))
+    # Datasets.epochs already prefetches the global batches and carries the pipeline's options.
+    return batches.map(keep_share).unbatch()
 
 
 def evaluation_share(batches: tf.data.Dataset, worker: int = 0, workers: int = 1, multiple: int = 1) -> tf.data.Dataset:

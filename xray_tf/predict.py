@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -85,11 +84,7 @@ def _class_names(candidates: Sequence[str], num_classes: int) -> list[str]:
     """Class names from the first ``classes.json`` among ``candidates``, else ``class_0``, ``class_1``..."""
     for path in candidates:
         if os.path.isfile(path):
-            try:
-                with open(path) as handle:
-                    names = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
+            names = rundir.read_json(path)
             if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
                 raise ValueError(f"{path} must list {num_classes} class names (the model has {num_classes} outputs).")
             return names

@@ -21,7 +21,7 @@ from typing import TextIO
 from absl import app, flags
 
 from xray_tf import cli
-from xray_tf.config import ConfigError
+from xray_tf.config import COMPILATION_CACHE_AUTO, ConfigError
 
 flags.DEFINE_string("model", None, "Run directory of xray-train, SavedModel directory or .keras file.", required=True)
 flags.DEFINE_string("output", None, "CSV file to write; default: standard output.")
@@ -31,7 +31,7 @@ flags.DEFINE_string("gradcam_class", None, "Class explained by Grad-CAM, by name
                     "predicted class.")
 flags.DEFINE_integer("batch_size", 32, "Images per batch.", lower_bound=1)
 flags.DEFINE_integer("overlay_size", 512, "Side of the square Grad-CAM overlays, in pixels.", lower_bound=1)
-flags.DEFINE_string("compilation_cache", "auto", cli.COMPILATION_CACHE_HELP)
+flags.DEFINE_string("compilation_cache", COMPILATION_CACHE_AUTO, cli.COMPILATION_CACHE_HELP)
 FLAGS = flags.FLAGS
 
 

@@ -35,7 +35,7 @@ import time
 from absl import app, flags
 
 from xray_tf import reports, rundir, synthetic
-from xray_tf.config import FLAGS_DIR, TrainConfig
+from xray_tf.config import EVALUATION_SPLITS, FLAGS_DIR, TrainConfig
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Folder for every run, log, table and figure.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each experiment is trained once per seed.")
@@ -80,7 +80,7 @@ def plan_runs(overrides: list[str]) -> list[Run]:
         raise ValueError(f"--seeds={','.join(_SEEDS.value)}: expected comma-separated integers.") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds={','.join(_SEEDS.value)}: give each seed once.")
-    unknown = [split for split in _EVALUATE_SPLITS.value if split not in ("val", "test")]
+    unknown = [split for split in _EVALUATE_SPLITS.value if split not in EVALUATION_SPLITS]
     if unknown:
         raise ValueError(f"--evaluate_splits: {', '.join(unknown)} is not val or test.")
     bad = [arg for arg in overrides if not arg.startswith("--") or "=" not in arg]

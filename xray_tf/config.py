@@ -34,6 +34,7 @@ MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
 ON_BAD_IMAGE = ("error", "skip")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")  # see xray_tf.distribution
+EVALUATION_SPLITS = ("test", "val")  # what xray-evaluate measures a kept model on
 COMPILATION_CACHE_AUTO, COMPILATION_CACHE_OFF = "auto", "none"  # else a directory; see xray_tf.compile_cache
 MIN_IMAGE_SIZE = 32  # the smallest input Keras' ResNet50 and DenseNet121 accept
 

@@ -28,12 +28,11 @@ import numpy as np
 import pandas as pd
 
 from xray_tf import data, image_cache, metrics, models, plots, reports, rundir
-from xray_tf.config import ConfigError
+from xray_tf.config import EVALUATION_SPLITS, ConfigError
 from xray_tf.decode import list_unreadable
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_SPLITS = ("test", "val")
 PAPER_METRIC_NOTE = (
     "The paper's metric: the mean over all epochs of the per-epoch accuracies in history.csv (train: "
     "augmented, class-balanced batches during each epoch; val: after each epoch). It is not the "

@@ -9,11 +9,11 @@ from __future__ import annotations
 from absl import flags
 
 from xray_tf import cli
-from xray_tf.config import COMPILATION_CACHE_AUTO
+from xray_tf.config import COMPILATION_CACHE_AUTO, EVALUATION_SPLITS
 
 flags.DEFINE_string("run_dir", None, "Run directory written by xray-train.", required=True)
 flags.DEFINE_string("data_dir", None, "CoronaHack folder to evaluate on (default: the run's own).")
-flags.DEFINE_enum("split", "test", ["test", "val"], "test: the TEST split (absent from the shared copy); "
+flags.DEFINE_enum("split", "test", list(EVALUATION_SPLITS), "test: the TEST split (absent from the shared copy); "
                   "val: the run's validation split.")
 flags.DEFINE_integer("batch_size", 32, "Images per prediction batch.")
 flags.DEFINE_string("compilation_cache", COMPILATION_CACHE_AUTO, cli.COMPILATION_CACHE_HELP)

@@ -38,11 +38,12 @@ class HistoryCSV(keras.callbacks.Callback):
         Rows after ``last_epoch`` belong to an epoch whose backup was never written; it runs again,
         so dropping them leaves every epoch in the file exactly once.
         """
-        if not os.path.isfile(os.path.join(run_dir, rundir.HISTORY)):
+        path = os.path.join(run_dir, rundir.HISTORY)
+        if not os.path.isfile(path):
             return []  # killed before its first epoch ended
-        rows = rundir.read_history(run_dir).to_dict("records")
-        rows = [{key: value for key, value in row.items() if not (isinstance(value, float) and math.isnan(value))}
-                for row in rows]
+        # Read as written, so that a "nan" stays a value and only a column a row lacks is left out.
+        with open(path, newline="") as handle:
+            rows = [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
         return [{**row, "epoch": int(row["epoch"])} for row in rows if row["epoch"] <= last_epoch]
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -1,9 +1,14 @@
-"""Image files that tests write: a grey ramp, files that cannot be decoded, and odd but valid ones.
+"""Image files that tests write: a grey ramp, files that cannot be decoded, odd but valid ones, and
+files whose header declares another size than their data holds.
 
-Shared by test_decode, test_image_cache and test_training (a bad file in a dataset stops a run).
+Shared by test_decode, test_image_cache, test_image_headers, test_hostile_inputs and test_training
+(a bad file in a dataset stops a run).
 """
 
 from __future__ import annotations
+
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -62,3 +67,26 @@ SUPPORTED_IMAGES = {
     "rgb_jpeg": (lambda path: Image.fromarray(np.dstack([ramp()] * 3), "RGB").save(path, format="JPEG", quality=95),
                  4),
 }
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png_claiming(path: str, width: int, height: int, bit_depth: int = 8, colour_type: int = 0,
+                       rows: int = 1) -> None:
+    """A well-formed PNG whose header declares ``width`` x ``height`` but whose data holds ``rows`` rows."""
+    row_bytes = width * {0: 1, 2: 3, 4: 2, 6: 4}[colour_type] * bit_depth // 8
+    data = zlib.compress(b"".join(b"\x00" + bytes(row_bytes) for _ in range(rows)))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+
+
+def write_jpeg_claiming(path: str, width: int | None = None, height: int | None = None) -> None:
+    """A 64 x 64 JPEG of noise whose frame header is changed to declare ``width`` x ``height``."""
+    Image.fromarray(noise(), "L").save(path, format="JPEG")
+    content = bytearray(open(path, "rb").read())
+    frame = content.index(b"\xff\xc0")
+    content[frame + 5 : frame + 9] = struct.pack(">HH", height or 64, width or 64)
+    open(path, "wb").write(bytes(content))

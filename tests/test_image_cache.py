@@ -13,7 +13,7 @@ from conftest import epoch, small_settings
 from image_files import BAD_IMAGES, ramp
 from PIL import Image
 
-from xray_tf import decode, image_cache, pipeline
+from xray_tf import decode, image_cache, image_headers, pipeline
 
 
 def grey_files(folder, count: int = 5) -> list[str]:
@@ -83,3 +83,25 @@ def test_file_cache_is_written_and_reused(index, tmp_path):
     first, second = epoch(datasets), epoch(again)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
     assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == written
+
+
+def test_files_that_may_take_much_memory_are_decoded_one_at_a_time(tmp_path, monkeypatch):
+    """The parallel pass takes the files within their share of image_headers.DECODE_MEMORY; the others are decoded
+    after it, one at a time, to the same pixels; a file over max_pixels is in neither pass."""
+    small, big, over = grey_files(tmp_path, 3), str(tmp_path / "big.png"), str(tmp_path / "over.png")
+    Image.fromarray(ramp(300, 200), "L").save(big)  # 2 x 60 kB decoded, above a 20 kB share
+    Image.fromarray(ramp(400, 500), "L").save(over)
+    monkeypatch.setattr(image_headers, "DECODE_MEMORY", image_cache._PARALLEL * 20_000)
+    passes, decode_pass = [], image_cache._decode_pass
+
+    def recorded(paths, rows, image_size, parallel, *rest):
+        passes.append((sorted(paths[row] for row in rows), parallel))
+        decode_pass(paths, rows, image_size, parallel, *rest)
+
+    monkeypatch.setattr(image_cache, "_decode_pass", recorded)
+    decoded = image_cache.decode_images(small + [big, over], 32, max_pixels=100_000)
+    assert passes == [(sorted(small), image_cache._PARALLEL), ([big], 1)]
+    assert decoded.unreadable == {over: "header declares 500 x 400 = 0.2 megapixels, above --max_pixels=100000; "
+                                        "raise --max_pixels to decode it"}
+    for row, path in enumerate(small + [big]):
+        assert np.array_equal(decoded.images[row], decode.decode_image(tf.constant(path), 32).numpy())

@@ -4,18 +4,23 @@
 or CMYK, 8 or 16 bit -- and returns one grey uint8 channel resized to ``image_size`` (bilinear
 with antialiasing). Training, evaluation, prediction and the figures all decode through it, so a
 model never sees pixels prepared another way. ``why_unreadable`` turns TensorFlow's failure into
-words that name the format (a TIFF, a truncated PNG, an HTML page saved as ``.jpeg``).
+words that name the format (a TIFF, a truncated PNG, an HTML page saved as ``.jpeg``), after
+``image_headers.precheck`` has refused what must not be decoded at all.
 """
 
 from __future__ import annotations
 
 import codecs
 import functools
+import os
 import re
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+
+from xray_tf import image_headers
+from xray_tf.config import DEFAULT_MAX_PIXELS
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -73,6 +78,27 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
 
 
+# In the message of the error that ``_decode_luma`` raises, which ``why_unreadable`` puts in words.
+_DATA_ENDS_EARLY = "the last rows are the grey libjpeg fills missing data with"
+
+
+def _decode_luma(raw: tf.Tensor, ratio: int) -> tf.Tensor:
+    """The Y channel of a grey or YCbCr JPEG at 1/``ratio`` scale; an error if its data ends before its last rows.
+
+    When the entropy-coded data ends (at a marker) before the blocks that the header declares,
+    libjpeg only warns and decodes the missing blocks as all-zero coefficients, i.e. Y = 128
+    exactly, and TensorFlow returns that flat grey as if it were the image. A last block row
+    (8 source rows) that is 128 everywhere is taken for it: real X-rays are never so uniformly
+    mid-grey, and a tiny file whose header was made to claim 23000 rows is caught at once. (CMYK
+    JPEGs, rare and decoded through a colour conversion in ``_decode_any``, are not checked.)
+    """
+    image = tf.io.decode_jpeg(raw, channels=1, ratio=ratio)
+    last_block_row = -(-8 // ratio)  # 8 source rows, ceil(8 / ratio) decoded ones
+    filled = tf.reduce_all(image[-last_block_row:] == 128)
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(filled), [_DATA_ENDS_EARLY])]):
+        return tf.identity(image)
+
+
 def _decode_grey_jpeg(raw: tf.Tensor, image_size: int) -> tf.Tensor:
     """A grey or YCbCr JPEG as its luma channel, DCT-downscaled by 2, 4 or 8 while still >= ``image_size``.
 
@@ -82,9 +108,7 @@ def _decode_grey_jpeg(raw: tf.Tensor, image_size: int) -> tf.Tensor:
     shortest = tf.reduce_min(tf.io.extract_jpeg_shape(raw)[:2])
     # Output sides are ceil(side / ratio); take the largest ratio that keeps them >= image_size.
     branch = tf.reduce_sum(tf.cast(-(-shortest // (2, 4, 8)) >= image_size, tf.int32))
-    return tf.switch_case(branch, [
-        functools.partial(tf.io.decode_jpeg, raw, channels=1, ratio=ratio) for ratio in (1, 2, 4, 8)
-    ])
+    return tf.switch_case(branch, [functools.partial(_decode_luma, raw, ratio) for ratio in (1, 2, 4, 8)])
 
 
 def _decode_any(raw: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -118,32 +142,8 @@ def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
-_PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk, last in every complete PNG
-
-
-# Formats told apart by their first bytes, to say what a file that does not decode actually is.
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (_PNG_START, "PNG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"),
-)
-UNSUPPORTED_FORMATS = ("TIFF", "DICOM", "JPEG 2000")
 _SUPPORTED = "JPEG, PNG, BMP, GIF or WebP"
-
-
-def sniff_format(head: bytes) -> str | None:
-    """The image format that the first 132 bytes of a file announce, or None if none is known."""
-    if head[128:132] == b"DICM":
-        return "DICOM"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
 def decode_error_message(error: tf.errors.OpError) -> str:
@@ -152,29 +152,44 @@ def decode_error_message(error: tf.errors.OpError) -> str:
     return re.sub(r"\s*\[Op:\w+\].*$", "", message, flags=re.DOTALL).replace("\n", " ").strip()
 
 
-def why_unreadable(path: str, image_size: int) -> str | None:
-    """Why ``decode_image`` fails on ``path``, in words naming the format; None if it decodes now."""
+def why_unreadable(path: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why ``decode_image`` fails on ``path`` or must not be tried (``image_headers.precheck``), in words;
+    None if it decodes now."""
+    problem = image_headers.precheck(path, max_pixels).problem
+    if problem is not None:
+        return problem
     try:
         decode_image(tf.constant(path), image_size)
         return None
     except tf.errors.OpError as error:
-        message = decode_error_message(error)
+        return explain_failure(path, error)
+
+
+def explain_failure(path: str, error: tf.errors.OpError) -> str:
+    """``decode_image``'s ``error`` on ``path`` in words that name the format and what is wrong with the file."""
+    message = decode_error_message(error)
+    if _DATA_ENDS_EARLY in message:
+        header = image_headers.read_header(path)
+        size = f"{header.width} x {header.height}" if header else "more rows"
+        return f"header declares {size} but the data ends early (truncated?)"
     try:
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            content = handle.read()
-    except (tf.errors.OpError, OSError):
-        return f"cannot be read: {message}"
-    if not content:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - len(_PNG_END)))
+            tail = handle.read()
+    except OSError as read_error:
+        return f"cannot be read: {read_error.strerror or message}"
+    if not head:
         return "empty file (0 bytes)"
-    found = sniff_format(content[:132])
-    if found in UNSUPPORTED_FORMATS:
+    found = image_headers.sniff_format(head)
+    if found in image_headers.UNSUPPORTED_FORMATS:
         return f"{found} image: not supported, convert it to {_SUPPORTED}"
-    if found == "PNG" and not content.endswith(_PNG_END):
+    if found == "PNG" and tail != _PNG_END:
         return "PNG file that ends early (truncated?): no IEND chunk at its end"
     if found:
         return f"{found} file that does not decode (corrupt or truncated?): {message}"
     try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(content[:132])  # a character may be cut
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character may be cut
     except UnicodeDecodeError:
         text = ""
     if text and all(c.isprintable() or c.isspace() for c in text):

@@ -1,7 +1,9 @@
 """The decode-once cache: every file of a dataset decoded in one parallel pass, kept as uint8.
 
-The pass is also the pre-training check: rows that fail are dropped with ``ignore_errors`` and
-only they are examined again, one by one, to say why. The images are kept as one array in memory,
+The pass is also the pre-training check. Files that must not be decoded (no regular file, more
+pixels than ``max_pixels``) are refused from their headers first; files that could take much
+memory are decoded one at a time after the parallel pass; rows that fail are dropped with
+``ignore_errors`` and only they are examined again, one by one, to say why. The images are kept as one array in memory,
 or as a memory-mapped ``.npy`` file in a cache directory for data larger than RAM, which a later
 run over the same files at the same size reuses instead of decoding. A ``DecodedImages`` records
 the size it was decoded at, and the pipeline refuses one of another size.
@@ -19,14 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from xray_tf.decode import (
-    AUTOTUNE,
-    decode_image,
-    why_unreadable,
-    without_autotune_thread,
-)
+from xray_tf import decode, image_headers
+from xray_tf.config import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
+
+_PARALLEL = os.cpu_count() or 1  # decodes at a time in the main pass, one a core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,50 +53,73 @@ def _images_cache_name(paths: Sequence[str], image_size: int) -> str:
     return f"images_{image_size}px_{digest.hexdigest()[:16]}"
 
 
-def _decode_pass(paths: list[str], image_size: int, out: np.ndarray | None, log_every_s: float) -> np.ndarray:
-    """Decode every path once, in parallel, into ``out`` (if given); returns which rows decoded.
+def _decode_pass(paths: list[str], rows: np.ndarray, image_size: int, parallel: int, out: np.ndarray | None,
+                 readable: np.ndarray, log_every_s: float) -> None:
+    """Decode ``paths[rows]``, ``parallel`` at a time, into ``out`` (if given) and mark in ``readable`` which did.
 
     Rows are decoded out of order (``deterministic=False``) and tagged with their row number, so
     one slow file does not hold up the rest; failures are dropped by ``ignore_errors``.
     """
+    if not len(rows):
+        return
     decoded = (
-        tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=str))
-        .enumerate()
+        tf.data.Dataset.from_tensor_slices((rows, np.asarray(paths, dtype=str)[rows]))
         # The image is returned even when not kept: an unused decode would be optimised away.
-        .map(lambda row, path: (row, decode_image(path, image_size)), num_parallel_calls=AUTOTUNE,
+        .map(lambda row, path: (row, decode.decode_image(path, image_size)), num_parallel_calls=parallel,
              deterministic=False)
         .ignore_errors()
         .batch(64)
         .prefetch(2)
     )
-    decoded = without_autotune_thread(decoded)
-    readable = np.zeros(len(paths), dtype=bool)
+    decoded = decode.without_autotune_thread(decoded)
     start = last_log = time.perf_counter()
-    for rows, images in decoded:
-        rows = rows.numpy()
-        readable[rows] = True
+    for done, images in decoded:
+        done = done.numpy()
+        readable[done] = True
         if out is not None:
-            out[rows] = images.numpy()
+            out[done] = images.numpy()
         now = time.perf_counter()
         if now - last_log >= log_every_s:
             logger.info("decoded %d of %d images (%.0f images/s)", readable.sum(), len(paths),
-                        readable.sum() / (now - start))
+                        readable[rows].sum() / (now - start))
             last_log = now
+
+
+def _decode_passes(paths: list[str], checks: list[image_headers.Precheck], image_size: int, out: np.ndarray | None,
+                   log_every_s: float) -> np.ndarray:
+    """Decode every file that ``checks`` lets through, within ``image_headers.DECODE_MEMORY``; return which decoded.
+
+    One pass decodes ``_PARALLEL`` files at a time, each of which may hold at most
+    ``DECODE_MEMORY / _PARALLEL``; the files that may hold more are decoded afterwards one at a time.
+    """
+    readable = np.zeros(len(paths), dtype=bool)
+    allowed = np.array([check.problem is None for check in checks], dtype=bool)
+    alone = np.array([check.decodes_alone(_PARALLEL) for check in checks], dtype=bool)
+    _decode_pass(paths, np.flatnonzero(allowed & ~alone), image_size, _PARALLEL, out, readable, log_every_s)
+    _decode_pass(paths, np.flatnonzero(allowed & alone), image_size, 1, out, readable, log_every_s)
     return readable
 
 
-def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory",
-                  log_every_s: float = 10.0) -> DecodedImages:
+def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory", log_every_s: float = 10.0,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImages:
     """Decode every file once, as training will, keeping the images as ``keep`` says.
 
     ``keep``: "memory" (one uint8 array), "none" (only check: nothing is kept or written) or a
     directory, where the images go to a memory-mapped ``.npy`` file (for data larger than RAM)
-    that a later call with the same files and size reuses instead of decoding. Only the rows that
-    failed are decoded again, one by one, to say why (``unreadable``). Progress is logged every
-    ``log_every_s`` seconds, since a large dataset takes minutes.
+    that a later call with the same files and size reuses instead of decoding. A path that is no
+    regular readable file, or whose header declares more than ``max_pixels``, is never opened for
+    decoding: it goes to ``unreadable`` with ``image_headers.precheck``'s words. Only the rows that failed
+    to decode are decoded again, one by one, to say why. Progress is logged every ``log_every_s``
+    seconds, since a large dataset takes minutes.
+
+    Memory: the decodes running at one time hold at most ``image_headers.DECODE_MEMORY`` (2 GiB) of
+    files and decoded arrays together, whatever the number of cores, as estimated from each header
+    (``image_headers.precheck``); a file estimated above that alone is decoded by itself, so it then costs
+    its own estimate.
     """
     paths = list(paths)
     start = time.perf_counter()
+    checks = [image_headers.precheck(path, max_pixels) for path in paths]
     shape = (len(paths), image_size, image_size, 1)
     images, readable = None, None
     if keep not in ("memory", "none"):
@@ -111,7 +134,7 @@ def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory",
         else:
             partial = stem + ".partial.npy"
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-            readable = _decode_pass(paths, image_size, out, log_every_s)
+            readable = _decode_passes(paths, checks, image_size, out, log_every_s)
             out.flush()
             del out
             np.save(stem + ".readable.npy", readable)
@@ -119,23 +142,26 @@ def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory",
             images = np.load(stem + ".npy", mmap_mode="r")
     elif keep == "memory":
         images = np.empty(shape, dtype=np.uint8)
-        readable = _decode_pass(paths, image_size, images, log_every_s)
+        readable = _decode_passes(paths, checks, image_size, images, log_every_s)
     else:
-        readable = _decode_pass(paths, image_size, None, log_every_s)
-    unreadable = {}
+        readable = _decode_passes(paths, checks, image_size, None, log_every_s)
+    unreadable = {path: check.problem for path, check in zip(paths, checks) if check.problem is not None}
     for row in np.flatnonzero(~readable):
-        reason = why_unreadable(paths[row], image_size)
+        if paths[row] in unreadable:
+            continue
+        reason = decode.why_unreadable(paths[row], image_size, max_pixels)
         if reason is not None:
             unreadable[paths[row]] = reason
         elif images is not None:  # failed in the pass but decodes now (a flaky network drive?)
             if not images.flags.writeable:  # a cache file, opened read-only so a shared one can be read
                 images = np.load(images.filename, mmap_mode="r+")
-            images[row] = decode_image(tf.constant(paths[row]), image_size).numpy()
+            images[row] = decode.decode_image(tf.constant(paths[row]), image_size).numpy()
     seconds = time.perf_counter() - start
     logger.info("decoded %d images in %.1f s: %d cannot be decoded", len(paths), seconds, len(unreadable))
     return DecodedImages(tuple(paths), image_size, images, unreadable, seconds)
 
 
-def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 10.0) -> dict[str, str]:
-    """``{path: reason}`` for each file that does not decode; the images themselves are not kept."""
-    return decode_images(paths, image_size, "none", log_every_s).unreadable
+def find_unreadable(paths: Sequence[str], image_size: int, log_every_s: float = 10.0,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, str]:
+    """``{path: reason}`` for each file that does not decode or is refused; the images themselves are not kept."""
+    return decode_images(paths, image_size, "none", log_every_s, max_pixels).unreadable

@@ -46,7 +46,7 @@ def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, 
     """Seconds for one training epoch of xray_tf's pipeline (including the decode pass if ``first_epoch``).
 
     The decode pass is the one a training run makes: every file decoded once, checked and kept as the
-    in-memory cache (``image_cache.decode_images``, as ``training.prepare_data`` calls it).
+    in-memory cache (``image_cache.decode_images``, as ``preflight.prepare_data`` calls it).
     """
     from xray_tf import image_cache, pipeline
 

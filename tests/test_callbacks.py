@@ -57,6 +57,6 @@ def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):
     blocker.write_text("")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="mse")
-    with pytest.raises(OSError):
+    with pytest.raises(rundir.RunError, match="^The backup of epoch 1 failed, so training stopped: Not a directory"):
         model.fit(np.zeros((4, 3)), np.zeros((4, 2)), epochs=2, verbose=0,
                   callbacks=[callbacks.EpochBackup(str(blocker / "backup"))])

@@ -142,3 +142,24 @@ def test_real_coronahack_index():
     total = {name: index.class_counts("train")[name] + index.class_counts("val")[name] for name in index.class_names}
     assert total == {"Normal": 1342, "Bacteria": 2535, "Virus": 1349, "COVID-19": 51}
     assert index.excluded == {"Stress-Smoking, in no class": 2}
+    # Split by patient (the default): no patient on both sides, near the stratified share of each class.
+    train, val = (set(index.split(split)["patient"]) for split in ("train", "val"))
+    assert train.isdisjoint(val)
+    assert index.patient_count("train") + index.patient_count("val") == len(train | val) > 2500
+    by_image = data.load_index(shared_data("coronahack"), split_by="image")
+    assert not set(by_image.split("train")["patient"]).isdisjoint(by_image.split("val")["patient"])  # the leak
+    for name, count in index.class_counts("val").items():
+        assert abs(count - by_image.class_counts("val")[name]) <= max(2, 0.05 * count), name
+
+
+def test_split_by_patient_keeps_a_patients_images_together(tmp_path):
+    rows = [(f"person{p}_{kind}_{i}.jpeg", "Pnemonia", "TRAIN", None, kind) for p in range(30)
+            for kind in ("bacteria", "virus") for i in range(3)]
+    rows += [(f"IM-{p:04d}-000{i}.jpeg", "Normal", "TRAIN", None, None) for p in range(20) for i in range(2)]
+    rows += class_rows({"COVID-19": 4})
+    index = data.load_index(write_coronahack(tmp_path, rows), val_fraction=0.2, seed=3)
+    assert set(index.split("train")["patient"]).isdisjoint(index.split("val")["patient"])
+    assert index.class_counts("val") == {"Normal": 8, "Bacteria": 18, "Virus": 18, "COVID-19": 1}
+    assert index.patient_count("val") == 4 + 6 + 1
+    with pytest.raises(ConfigError, match="^split_by='person'"):
+        data.load_index(str(tmp_path), split_by="person")

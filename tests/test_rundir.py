@@ -48,15 +48,16 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
             handle.write("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    message = rf"^cannot write {path} \(the epoch history\): No space left on device\.$"
+    with pytest.raises(rundir.RunError, match=message):
         rundir.write_atomic(str(path), fail)
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["history.csv"]
 
 
 def test_temporaries_keep_the_ending_that_picks_a_format(tmp_path):
     seen = []
-    rundir.write_atomic(str(tmp_path / "model.keras"), lambda temporary: seen.append(temporary) or open(temporary, "w").close())
-    rundir.write_atomic(str(tmp_path / "b.weights.h5"), lambda temporary: seen.append(temporary) or open(temporary, "w").close())
+    for name in ("model.keras", "b.weights.h5"):
+        rundir.write_atomic(str(tmp_path / name), lambda temp: seen.append(temp) or open(temp, "w").close())
     assert seen[0].endswith(".keras") and seen[1].endswith(".weights.h5")
     assert all(os.path.basename(name).startswith(".") for name in seen)
 
@@ -81,3 +82,35 @@ def test_readers_name_the_file(tmp_path):
     (tmp_path / rundir.METRICS).write_text("{not json")
     with pytest.raises(rundir.RunError, match="not valid JSON"):
         rundir.read_metrics(str(tmp_path))
+
+
+def _predictions(**changes) -> pd.DataFrame:
+    """Two images' predictions as xray-evaluate writes them, with patients, one flag and ``changes``."""
+    table = pd.DataFrame({"file": ["/d/a.png", "/d/b.png"], "true_class": ["A", "B"], "predicted_class": ["A", "A"],
+                          "p_a": [0.9, 0.6], "p_b": [0.1, 0.4], "patient": [12, 7], "flag_b": [0, 1]})
+    return table.assign(**changes)
+
+
+def test_read_predictions_gives_evaluates_columns(tmp_path):
+    _predictions(note="x").iloc[:, ::-1].to_csv(tmp_path / rundir.predictions_of_split("val"), index=False)
+    frame = rundir.read_predictions(str(tmp_path), "val", ["p_a", "p_b"])
+    assert list(frame.columns) == ["file", "true_class", "predicted_class", "p_b", "p_a", "patient", "flag_b"]
+    assert frame["patient"].tolist() == ["12", "7"]  # text, whatever the file's digits
+    _predictions().drop(columns=["patient", "flag_b"]).to_csv(tmp_path / rundir.predictions_of_split("test"),
+                                                              index=False)
+    assert list(rundir.read_predictions(str(tmp_path), "test", ["p_a"]).columns) == [
+        "file", "true_class", "predicted_class", "p_a", "p_b"]
+
+
+@pytest.mark.parametrize("table, message", [
+    (None, "no such file"),
+    (_predictions().drop(columns=["p_b"]), r"missing column\(s\) p_b"),
+    (_predictions().rename(columns={"true_class": "label", "predicted_class": "predicted"}),
+     r"missing column\(s\) true_class, predicted_class"),  # names that never shipped
+    (_predictions(file="/d/a.png"), "/d/a.png appears more than once"),
+])
+def test_read_predictions_names_the_file(tmp_path, table, message):
+    if table is not None:
+        table.to_csv(tmp_path / rundir.predictions_of_split("test"), index=False)
+    with pytest.raises(rundir.RunError, match=f"predictions_test.csv: {message}"):
+        rundir.read_predictions(str(tmp_path), "test", ["p_a", "p_b"])

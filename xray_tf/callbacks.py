@@ -92,7 +92,9 @@ class EpochBackup(keras.callbacks.Callback):
     Writing a backup takes about as long as a GPU epoch, so the state is copied to host memory
     here, which is quick, and a thread writes it while the next epoch trains. One backup is in
     flight at a time: the next one, and the end of training, wait for it and raise its error if
-    it failed. ``best`` and ``best_epoch`` (1-based) carry a resumed run's best epoch so far.
+    it failed. A failed write (a full disk) also stops training at the next step, so the error is
+    reported while the epoch it concerns is the newest, and not a whole epoch later. ``best`` and
+    ``best_epoch`` (1-based) carry a resumed run's best epoch so far.
     """
 
     def __init__(self, backup_dir: str, best: float = math.inf, best_epoch: int | None = None):
@@ -102,15 +104,16 @@ class EpochBackup(keras.callbacks.Callback):
         self.best_epoch = best_epoch  # None until an epoch has a finite val_loss
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
+        self._pending_epoch = 0  # 1-based epoch that _pending writes
         self._buffer: np.ndarray | None = None  # free to refill once the previous backup is written
 
     def on_train_begin(self, logs=None):
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch_backup")
 
     def on_epoch_end(self, epoch, logs=None):
+        self._wait()
         if self.model.stop_training:
             return
-        self._wait()
         val_loss = (logs or {}).get("val_loss")
         if val_loss is not None and float(val_loss) < self.best:  # NaN is never less
             self.best, self.best_epoch = float(val_loss), epoch + 1
@@ -120,6 +123,12 @@ class EpochBackup(keras.callbacks.Callback):
         path = checkpoint.backup_path(self.backup_dir, epoch + 1)
         keep = {path} if self.best_epoch is None else {path, checkpoint.backup_path(self.backup_dir, self.best_epoch)}
         self._pending = self._writer.submit(self._write, path, state, keep)
+        self._pending_epoch = epoch + 1
+        self._pending.add_done_callback(self._stop_if_failed)
+
+    def _stop_if_failed(self, written: concurrent.futures.Future) -> None:
+        if written.exception() is not None:
+            self.model.stop_training = True  # fit checks it after every step
 
     def on_train_end(self, logs=None):
         self._wait()
@@ -128,7 +137,13 @@ class EpochBackup(keras.callbacks.Callback):
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()  # re-raises the writer's exception here, in the training thread
+            try:
+                pending.result()  # re-raises the writer's exception here, in the training thread
+            except (OSError, rundir.RunError) as error:
+                reason = str(error.strerror if isinstance(error, OSError) and error.strerror else error).rstrip(".")
+                raise rundir.RunError(f"The backup of epoch {self._pending_epoch} failed, so training stopped: "
+                                      f"{reason}. Once that is fixed, --resume continues after the last epoch "
+                                      "backed up.") from error
 
     def _write(self, path: str, state: dict[str, np.ndarray], keep: set[str]) -> None:
         checkpoint.write_backup(path, state)

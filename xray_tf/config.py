@@ -35,8 +35,12 @@ JIT_COMPILE = ("auto", "true", "false")
 ON_BAD_IMAGE = ("error", "skip")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")  # see xray_tf.distribution
 EVALUATION_SPLITS = ("test", "val")  # what xray-evaluate measures a kept model on
+TTA_MODES = ("none", "flip", "flip_rotate")  # test-time augmentation of evaluate and predict; see xray_tf.inference
 COMPILATION_CACHE_AUTO, COMPILATION_CACHE_OFF = "auto", "none"  # else a directory; see xray_tf.compile_cache
 MIN_IMAGE_SIZE = 32  # the smallest input Keras' ResNet50 and DenseNet121 accept
+MAX_IMAGE_SIZE = 2048  # 4x CheXNet's largest published input; one such batch of 32 is 400 MB as float32
+DEFAULT_MAX_PIXELS = 100_000_000  # per image, as its header declares: 10000 x 10000, above any detector
+SPLIT_BY = ("patient", "image")  # how the validation split is drawn from TRAIN; see xray_tf.patients
 
 # The paper's flagfiles and the demo's, installed with the package (the repository's top-level
 # flags/ folder); ``--experiment=NAME`` reads NAME.cfg from here.
@@ -76,12 +80,18 @@ class TrainConfig:
                                       "images join the training split only (the paper's extra COVID-19 samples).")
     task: str = _setting("four_class", "Which classes to tell apart.", TASKS)
     val_fraction: float = _setting(0.1, "Stratified share of TRAIN held out for validation.")
+    split_by: str = _setting("patient", "patient: a patient's images (the id in the file name, or a patient_id "
+                             "column) are all in train or all in val; image: images are split one by one, "
+                             "which lets a patient's images leak into validation.", SPLIT_BY)
     seed: int = _setting(0, "Seed for the split, sampling, augmentation and initialisation.")
     on_bad_image: str = _setting("error", "An image file that cannot be decoded: error stops before training, "
                                  "listing every such file; skip trains without them and lists them in the log and "
                                  "in RUN/skipped_images.csv.", ON_BAD_IMAGE)
+    max_pixels: int = _setting(DEFAULT_MAX_PIXELS, "Refuse, by name and before decoding, any image whose header "
+                               "declares more pixels than this (a decoded 16-bit RGBA image costs 8 bytes a pixel).")
     # Input pipeline
-    image_size: int = _setting(224, f"Images are resized to image_size x image_size (>= {MIN_IMAGE_SIZE}).")
+    image_size: int = _setting(224, f"Images are resized to image_size x image_size ({MIN_IMAGE_SIZE} to "
+                               f"{MAX_IMAGE_SIZE}).")
     batch_size: int = _setting(32, "Batch size (the global batch, across every device).")
     cache: str = _setting("memory", "Where decoded images are cached: memory, none, or a directory.")
     sampler: str = _setting("balanced", "balanced: every draw picks each class with equal probability "
@@ -128,6 +138,8 @@ class TrainConfig:
                                     "existing name gets a -2, -3 ... suffix, never overwritten.")
     resume: bool = _setting(False, "Continue the unfinished run --output_dir/--run_name after its last finished "
                             "epoch, with the settings it was started with (--flagfile=RUN/flags.txt --resume).")
+    calibrate: bool = _setting(False, "After training, fit one softmax temperature on the validation split and "
+                               "store it in the run; evaluate, predict and the SavedModel then apply it.")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
@@ -142,6 +154,12 @@ class TrainConfig:
                 raise ConfigError(name, getattr(self, name), "must be positive.")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError("image_size", self.image_size, f"below {MIN_IMAGE_SIZE}, the backbones' minimum.")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError("image_size", self.image_size, f"above {MAX_IMAGE_SIZE}, the largest size supported.")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", self.max_pixels, "must be positive.")
+        if self.run_name is not None:
+            check_plain_name("run_name", self.run_name)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction", self.val_fraction, "must be strictly between 0 and 1.")
         if not 0.0 <= self.rotation_prob <= 1.0:
@@ -259,6 +277,13 @@ def flag_values(args: Iterable[str], source: str) -> dict[str, str]:
             name, value = (name[2:], "false") if name.startswith("no") and name[2:] else (name, "true")
         values[name] = value
     return values
+
+
+def check_plain_name(field: str, name: str) -> None:
+    """Raise ConfigError unless ``name`` is one plain file name, so that it stays inside its folder."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name) \
+            or "\0" in name:
+        raise ConfigError(field, name, "must be a plain name: no path separators, not '.' or '..'.")
 
 
 def _check_writable(field: str, directory: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
@@ -32,6 +33,24 @@ MODEL = "model.keras"
 SAVED_MODEL = "saved_model"
 SKIPPED_IMAGES = "skipped_images.csv"
 BACKUP = "backup"  # per-epoch training state while the run is unfinished
+SPLITS_CSV = "splits.csv"  # path, class, split, patient group of every image: the split, auditable and reusable
+CALIBRATION = "calibration.json"  # the softmax temperature fitted on val (--calibrate)
+OPERATING_POINTS = "operating_points.json"  # per-class thresholds chosen on val (--operating_point)
+REPORT = "report.html"  # xray-report's self-contained page
+
+# What each file is, for the message of a write that fails; other files by their ending.
+_WHAT = {FLAGS: "the run's settings", CLASSES: "the class names", HISTORY: "the epoch history",
+         METRICS: "the run's metrics", MODEL: "the kept model", SAVED_MODEL: "the SavedModel export",
+         SKIPPED_IMAGES: "the list of skipped images", SPLITS_CSV: "every image's split",
+         CALIBRATION: "the fitted temperature", OPERATING_POINTS: "the chosen thresholds", REPORT: "the report page"}
+_WHAT_BY_ENDING = {".npz": "an epoch backup", ".png": "a figure", ".csv": "a table", ".json": "a report",
+                   ".keras": "a model", ".html": "a page"}
+
+
+def _what(path: str) -> str:
+    name = os.path.basename(path)
+    return _WHAT.get(name) or _WHAT_BY_ENDING.get(os.path.splitext(name)[1], "a file")
+
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -51,6 +70,14 @@ def confusion_matrix_png(split: str) -> str:
 
 def roc_png(split: str) -> str:
     return f"roc_{split}.png"
+
+
+def pr_png(split: str) -> str:
+    return f"pr_{split}.png"
+
+
+def reliability_png(split: str) -> str:
+    return f"reliability_{split}.png"
 
 
 class RunError(ValueError):
@@ -80,12 +107,16 @@ def _temporary_beside(path: str) -> str:
     return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp{ending}")
 
 
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp(\..*)?")  # the names _temporary_beside gives
+
+
 def write_atomic(path: str, write: Callable[[str], None], directory: bool = False) -> None:
     """``write(temporary)`` beside ``path``, then rename it onto ``path``.
 
     With ``directory`` the temporary is an empty folder for ``write`` to fill (a SavedModel);
     otherwise ``write`` creates the temporary file itself. A failure removes the temporary and
-    leaves ``path`` as it was.
+    leaves ``path`` as it was; an OS error (a full disk, no permission, a folder where the file
+    goes) is raised as a RunError naming ``path``, not the temporary nobody knows of.
     """
     temporary = _temporary_beside(path)
     try:
@@ -93,12 +124,30 @@ def write_atomic(path: str, write: Callable[[str], None], directory: bool = Fals
             os.mkdir(temporary, 0o777)
         write(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.isdir(temporary) and not os.path.islink(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
         elif os.path.lexists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError):
+            raise RunError(f"cannot write {path} ({_what(path)}): {error.strerror or error}.") from error
         raise
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete what killed writes left in ``folder`` and its sub-folders (``--resume`` starts with it)."""
+    removed = []
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            if _TEMPORARY.fullmatch(name):
+                path = os.path.join(root, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                    folders.remove(name)
+                else:
+                    os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def write_bytes(path: str, content: bytes) -> None:
@@ -151,6 +200,32 @@ def read_metrics(run_dir: str) -> dict:
 def read_history(run_dir: str) -> pd.DataFrame:
     """``history.csv``: one row per epoch with at least ``HISTORY_COLUMNS``."""
     return read_csv_checked(os.path.join(run_dir, HISTORY), HISTORY_COLUMNS, error=RunError, rows="epochs")
+
+
+PREDICTION_COLUMNS = ("file", "true_class", "predicted_class")
+
+
+def read_predictions(run_dir: str, split: str, probability_columns: Sequence[str]) -> pd.DataFrame:
+    """``predictions_<split>.csv`` as ``xray-evaluate`` writes it: ``PREDICTION_COLUMNS``, the ``p_<class>``
+    columns, then ``patient`` (as text) and the ``flag_<class>`` columns where present.
+
+    ``probability_columns`` are those the caller reads (``inference.probability_column`` of its
+    classes: naming them needs Keras, which this module does not import). A file that is missing,
+    lacks one of the columns named here, or names an image twice raises RunError naming the file.
+    """
+    path = os.path.join(run_dir, predictions_of_split(split))
+    table = read_csv_checked(path, [*PREDICTION_COLUMNS, *probability_columns], error=RunError, rows="predictions")
+    repeated = table["file"][table["file"].duplicated()]
+    if not repeated.empty:
+        raise RunError(f"{path}: {repeated.iloc[0]} appears more than once.")
+
+    def starting(prefix: str) -> list[str]:
+        return [column for column in table.columns if column.startswith(prefix)]
+
+    patient = ["patient"] if "patient" in table.columns else []
+    frame = table[[*PREDICTION_COLUMNS, *starting("p_"), *patient, *starting("flag_")]]
+    # Text, so that one patient is one group in any file: pandas reads a column of digits as numbers.
+    return frame.assign(patient=frame["patient"].astype(str)) if patient else frame
 
 
 def split_reports(run_dir: str) -> dict[str, tuple[dict, str]]:

@@ -2,7 +2,7 @@
 
 Everything that can be checked is checked before the run directory is created and before the
 first epoch: the config, the dataset index (missing files, unknown labels, empty classes), every
-image (decoded once, see ``prepare_data``) and the model (weights files, ImageNet download).
+image (decoded once, see ``preflight.prepare_data``) and the model (weights files, ImageNet download).
 
 A run survives being killed: after every epoch the training state is backed up atomically
 (``callbacks.EpochBackup``), and ``resume=True`` continues from the last finished epoch with the
@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 import keras
 
 from xray_tf import (
+    calibration,
     callbacks,
     checkpoint,
     compile_cache,
@@ -34,80 +35,21 @@ from xray_tf import (
     distribution,
     evaluate,
     export,
-    image_cache,
+    inference,
     losses,
     metrics,
     models,
     pipeline,
+    preflight,
     rundir,
-    synthetic,
 )
 from xray_tf.config import TrainConfig
-from xray_tf.decode import list_unreadable
 
 logger = logging.getLogger(__name__)
-
-SYNTHETIC_WARNING = (
-    "NO --data_dir GIVEN: TRAINING ON SYNTHETIC DATA ({path}). "
-    "Results say nothing about real X-rays; pass --data_dir=PATH/TO/CORONAHACK for real training."
-)
-_SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
-
 
 def step_decay(epoch: int, initial_rate: float, factor: float, every: int) -> float:
     """Learning rate for 0-based ``epoch``: ``initial_rate * factor ** (epoch // every)``."""
     return initial_rate * factor ** (epoch // every)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedData:
-    """The dataset as training will use it, and what was left out of it."""
-
-    data_dir: str
-    synthetic: bool  # no data_dir: the generated stand-in
-    index: data.DataIndex  # without the skipped images
-    skipped: dict[str, str]  # path -> why it cannot be decoded (on_bad_image=skip)
-    decoded: image_cache.DecodedImages  # every indexed image, decoded once; the cache training reads
-
-
-def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
-    """Validate ``config``, index the dataset and decode every image once, as ``on_bad_image`` says.
-
-    This is all of ``--check_data`` and the start of every run: every problem with the metadata or
-    the image files is raised as one DataError before anything is trained or written. The decoded
-    images are kept where ``cache`` says (unless ``keep_images`` is False or ``cache="none"``), so
-    that training reads them instead of decoding every file a second time.
-    """
-    config.validate()
-    synthetic_data = config.data_dir is None
-    data_dir = config.data_dir or synthetic.ensure_default_dataset()
-    if synthetic_data:
-        logger.warning(SYNTHETIC_WARNING.format(path=data_dir))
-    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, config.extra_data)
-    logger.info("Data index of %s, task %s:\n%s", data_dir, config.task, index.summary())
-
-    keep = config.cache if keep_images else "none"
-    decoded = image_cache.decode_images(index.frame["path"], config.image_size, keep)
-    unreadable = decoded.unreadable
-    if unreadable:
-        if config.on_bad_image == "error":
-            raise data.DataError(f"{len(unreadable)} image file(s) cannot be decoded (--on_bad_image=skip "
-                                 f"trains without them):\n{list_unreadable(unreadable)}")
-        logger.warning("Skipping %d image file(s) that cannot be decoded (--on_bad_image=skip):\n%s",
-                       len(unreadable), list_unreadable(unreadable))
-        index = index.without(unreadable, _SKIPPED)
-    return PreparedData(data_dir, synthetic_data, index, unreadable, decoded)
-
-
-def check_report(prepared: PreparedData, task: str) -> str:
-    """What ``--check_data`` prints: the images training would use, and any it would skip."""
-    lines = [f"{prepared.data_dir}, task {task}:", prepared.index.summary()]
-    if prepared.skipped:
-        lines += [f"{len(prepared.skipped)} image file(s) cannot be decoded; --on_bad_image=skip leaves them out:",
-                  list_unreadable(prepared.skipped)]
-    else:
-        lines.append("No problems found.")
-    return "\n".join(lines)
 
 
 def run(config: TrainConfig, verbose: int | str = "auto",
@@ -132,7 +74,7 @@ def run(config: TrainConfig, verbose: int | str = "auto",
 class _Prepared:
     """What ``_prepare`` leaves for building and fitting the model."""
 
-    data: PreparedData
+    data: preflight.PreparedData
     datasets: pipeline.Datasets
     resumed_dir: str | None  # the unfinished run to continue
     learning_rate: float  # after scaling by the replica count, if asked
@@ -147,7 +89,7 @@ def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
     setup.check_batch_size(config.batch_size)
     compilation_cache = compile_cache.enable(config.compilation_cache)  # before the first XLA compilation
     resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
-    prepared = prepare_data(config)
+    prepared = preflight.prepare_data(config)
     logger.info("%s", setup.describe(config.batch_size))
     learning_rate = config.learning_rate * (setup.replicas if config.scale_lr_with_batch else 1)
     if config.scale_lr_with_batch:
@@ -163,10 +105,7 @@ def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
         seed=config.seed,
     )
     datasets = pipeline.build_datasets(prepared.index.frame, len(prepared.index.class_names), settings)
-    if "val" not in datasets.evaluation:
-        raise data.DataError(f"{prepared.data_dir}: no validation images, so no epoch can be chosen; every "
-                             "class needs at least 2 training images (see --val_fraction).")
-    decode_seconds = pipeline.fill_caches(datasets, prepared.decoded)  # the images prepare_data decoded
+    decode_seconds = pipeline.fill_caches(datasets, prepared.decoded)  # the images preflight decoded
     devices = {"name": setup.name, "replicas": setup.replicas, "workers": setup.workers, "learning_rate": learning_rate}
     return _Prepared(prepared, datasets, resumed_dir, learning_rate, _dtype_policy(config.mixed_precision), devices,
                      compilation_cache, decode_seconds)
@@ -274,12 +213,26 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     best = checkpoint.write_best_model(trained.model_config, prepared.dtype_policy,
                                        os.path.join(run_dir, rundir.BACKUP), trained.best_epoch,
                                        os.path.join(run_dir, rundir.MODEL))
-    export.export_saved_model(best, os.path.join(run_dir, rundir.SAVED_MODEL))
-    split_reports = {}
+    probabilities = {}
     for split, dataset in prepared.datasets.evaluation.items():
         batches = (images for images, _ in dataset.as_numpy_iterator())  # NumPy batches feed every backend
-        split_reports[split], _ = evaluate.evaluate_model(best, batches, index.split(split)["label_index"],
-                                                          index.class_names, config.batch_size)
+        probabilities[split] = inference.ensemble_probabilities([inference.keras_member(best)], batches,
+                                                                config.batch_size)
+    temperature = None
+    if config.calibrate:  # on val, where the epoch was chosen too; never on test
+        fitted = calibration.calibrate(probabilities["val"], index.split("val")["label_index"].to_numpy())
+        calibration.write_calibration(run_dir, {**fitted, "fitted_on": "val", "saved_model": True})
+        temperature = fitted["temperature"]
+        logger.info("--calibrate: temperature %.3f lowers the val NLL from %.4f to %.4f", temperature,
+                    fitted["nll"]["before"], fitted["nll"]["after"])
+    export.export_saved_model(best, os.path.join(run_dir, rundir.SAVED_MODEL), temperature)
+    split_reports = {}
+    for split, split_probabilities in probabilities.items():
+        if temperature is not None:
+            split_probabilities = calibration.apply_temperature(split_probabilities, temperature)
+        rows = index.split(split)
+        split_reports[split] = evaluate.probability_report(split_probabilities, rows["label_index"],
+                                                           index.class_names, rows["patient"].tolist())
     seconds = {"decode_and_cache": prepared.decode_seconds, "fit": trained.fit_seconds,
                "export_and_evaluate": time.perf_counter() - start}
     report = {
@@ -288,6 +241,8 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
         "task": config.task,
         "classes": list(index.class_names),
         "images": {split: index.class_counts(split) for split in data.SPLITS},
+        "patients": {split: index.patient_count(split) for split in data.SPLITS},
+        "split_by": config.split_by,
         "excluded_rows": index.excluded,
         "model_selection": {"monitor": "val_loss", "best_epoch": trained.best_epoch,
                             "epochs_run": trained.epochs_run},
@@ -303,11 +258,11 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in split_reports.items())
     logger.info("Best epoch %d of %d (by val_loss): %s", trained.best_epoch, trained.epochs_run, summary)
     if prepared.data.synthetic:
-        logger.warning(SYNTHETIC_WARNING.format(path=prepared.data.data_dir))
+        logger.warning(preflight.SYNTHETIC_WARNING.format(path=prepared.data.data_dir))
     return run_dir
 
 
-def _create_run_dir(config: TrainConfig, prepared: PreparedData) -> str:
+def _create_run_dir(config: TrainConfig, prepared: preflight.PreparedData) -> str:
     """A new run directory holding the run's settings, class names and skipped files."""
     run_dir = rundir.create(config.output_dir, config.run_name or _default_run_name(config))
     logger.info("Run directory: %s", run_dir)
@@ -315,6 +270,8 @@ def _create_run_dir(config: TrainConfig, prepared: PreparedData) -> str:
     own_config = dataclasses.replace(config, run_name=os.path.basename(run_dir))
     rundir.write_text(os.path.join(run_dir, rundir.FLAGS), own_config.to_flagfile())
     rundir.write_json(os.path.join(run_dir, rundir.CLASSES), list(prepared.index.class_names))
+    splits = prepared.index.frame[["path", "label", "split", "patient"]].rename(columns={"label": "class"})
+    rundir.write_text(os.path.join(run_dir, rundir.SPLITS_CSV), splits.to_csv(index=False))
     if prepared.skipped:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -338,6 +295,8 @@ def _run_to_resume(config: TrainConfig) -> str:
         listing = "; ".join(f"--{name} was {started}, now {now}" for name, (started, now) in sorted(changed.items()))
         raise rundir.RunError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "
                               f"only with its own settings: --flagfile={flags_path} --resume")
+    for path in rundir.remove_temporaries(run_dir):
+        logger.info("--resume: removed %s, left by a write that was killed", path)
     return run_dir
 
 
@@ -351,8 +310,7 @@ def _dtype_policy(mixed_precision: str) -> str:
     if mixed_precision == "off":
         return "float32"
     if mixed_precision == "auto":
-        has_gpu = any(device.startswith("gpu") for device in keras.distribution.list_devices())
-        return "mixed_bfloat16" if has_gpu else "float32"
+        return "mixed_bfloat16" if preflight.has_gpu() else "float32"
     return mixed_precision
 
 

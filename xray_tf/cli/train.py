@@ -33,11 +33,11 @@ def run_command(argv: list[str]) -> None:
     cli.no_arguments(argv)
     config = cli.config_from_flags(TrainConfig)
     with cli.tensorflow_quietly():
-        from xray_tf import training
+        from xray_tf import preflight, training
     try:
         if FLAGS.check_data:  # problems that stop training raise; skipped images are listed
-            prepared = training.prepare_data(config, keep_images=False)  # a check keeps nothing
-            print(training.check_report(prepared, config.task))
+            prepared = preflight.prepare_data(config, keep_images=False)  # a check keeps nothing
+            print(preflight.check_report(prepared, config.task))
             sys.exit(1 if prepared.skipped else 0)
         run_dir = training.run(config)
     except (ValueError, FloatingPointError) as error:

@@ -18,14 +18,16 @@ Train flags after ``--`` are appended after the flagfile and so override it, e.g
 
 Before the first run starts, everything that can be checked is: the flagfiles exist, every CheXNet
 experiment has its --chexnet_weights file (or, with --skip_missing_chexnet, is skipped and listed),
-and no earlier, unfinished run is in the way. A run whose directory already holds metrics.json is
-not run again, so a sweep that was stopped continues where it stopped. The flagfiles are the
-installed ones (``xray-train --experiment=NAME``) unless --flags_dir names others; a relative
---chexnet_weights is read from the working directory, as xray-train reads it.
+every ImageNet experiment's weights are in Keras' cache or downloadable (models.check_weights_available),
+and no earlier, unfinished run is in the way; --dry_run checks the same. A run whose directory already
+holds metrics.json is not run again, so a sweep that was stopped continues where it stopped. The
+flagfiles are the installed ones (``xray-train --experiment=NAME``) unless --flags_dir names others; a
+relative --chexnet_weights is read from the working directory, as xray-train reads it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import subprocess
@@ -34,8 +36,8 @@ import time
 
 from absl import app, flags
 
-from xray_tf import reports, rundir, synthetic
-from xray_tf.config import EVALUATION_SPLITS, FLAGS_DIR, TrainConfig
+from xray_tf import cli, reports, rundir, synthetic
+from xray_tf.config import EVALUATION_SPLITS, FLAGS_DIR, ConfigError, TrainConfig
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Folder for every run, log, table and figure.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each experiment is trained once per seed.")
@@ -98,6 +100,7 @@ def plan_runs(overrides: list[str]) -> list[Run]:
     results_dir = os.path.abspath(_RESULTS_DIR.value)
     data_args = [f"--data_dir={os.path.abspath(_DATA_DIR.value)}"] if _DATA_DIR.value else []
     runs, problems = [], []
+    imagenet_runs = collections.defaultdict(list)  # backbone -> the runs that will train from its ImageNet weights
     for seed in seeds:
         for extra in (False, True) if _WITH_EXTRA.value else (False,):
             for experiment, flagfile in flagfiles.items():
@@ -115,11 +118,33 @@ def plan_runs(overrides: list[str]) -> list[Run]:
                     run.skip_reason = reason
                 run_dir = os.path.join(results_dir, name)
                 if os.path.isdir(run_dir) and not rundir.is_finished(run_dir):
-                    problems.append(f"{run_dir} exists but is unfinished (no {rundir.METRICS}): delete it to run again.")
+                    problems.append(f"{run_dir} exists but is unfinished (no {rundir.METRICS}): delete it to run "
+                                    "again.")
+                elif not (os.path.isdir(run_dir) or run.skip_reason) and settings.weights == "imagenet":
+                    imagenet_runs[settings.model].append(name)  # a finished run needs no weights
                 runs.append(run)
+    problems += _imagenet_problems(imagenet_runs)
     if problems:
         raise ValueError("Nothing was run:\n  " + "\n  ".join(problems))
     return runs
+
+
+def _imagenet_problems(runs_by_model: dict[str, list[str]]) -> list[str]:
+    """One problem per backbone whose ImageNet weights Keras could neither find nor download, naming its runs.
+
+    Checked once per backbone, not per run: every run of it reads the same cached file.
+    """
+    if not runs_by_model:
+        return []  # and no TensorFlow to import
+    with cli.tensorflow_quietly():
+        from xray_tf import models
+    problems = []
+    for model, names in runs_by_model.items():
+        try:
+            models.check_weights_available(model, "imagenet")
+        except ConfigError as error:
+            problems.append(f"{', '.join(names)}: {error.as_flag()}")
+    return problems
 
 
 def _run_logged(command: list[str], log_path: str) -> None:

@@ -234,9 +234,11 @@ def test_inexact_checkpoint_is_refused_naming_the_key(chexnet_torch, corrupt, tm
     key = corrupt(checkpoint["state_dict"])
     source, output = str(tmp_path / "model.pth.tar"), str(tmp_path / "out.weights.h5")
     torch.save(checkpoint, source)
-    with pytest.raises(ValueError, match=re.escape(key)):
+    with pytest.raises(ValueError, match=re.escape(key)) as refused:
         chexnet.convert_checkpoint(source, output)
-    assert not os.path.exists(output)
+    message = str(refused.value)
+    assert message.startswith(f"{source}: does not convert exactly") and "\n" not in message  # one paragraph
+    assert os.listdir(tmp_path) == ["model.pth.tar"]  # no output, no temporary
 
 
 class _RunsCodeWhenUnpickled:
@@ -264,7 +266,8 @@ def test_checkpoint_needing_full_unpickling_is_refused_unless_allowed(chexnet_pt
     command = [sys.executable, "-m", "xray_tf", "convert-chexnet", f"--input={source}", f"--output={output}"]
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(command, capture_output=True, text=True, cwd=repository)
-    assert result.returncode != 0 and "xray-convert-chexnet: error: " in result.stderr and "--allow_pickle" in result.stderr
+    assert result.returncode == 1 and f"xray-convert-chexnet: error: {source}: " in result.stderr
+    assert "--allow_pickle" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(marker) and not os.path.exists(output)
 
     with pytest.warns(UserWarning, match="executes code"), warnings.catch_warnings():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from xray_tf import models
+from xray_tf import cli, models
 from xray_tf.config import ConfigError
 
 
@@ -80,3 +83,71 @@ def test_backbone_weights_file_is_loaded(tmp_path):
     model = models.build_model("resnet50", 4, 32, weights=path)
     loaded = model.get_layer("resnet50").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(loaded, source.get_weights()))
+
+
+# --- check_weights_available: never a download, never a real connection --------------------------
+
+@pytest.fixture
+def empty_keras_home(tmp_path, monkeypatch) -> str:
+    """``$KERAS_HOME`` an empty folder: no cached weights."""
+    home = tmp_path / "keras_home"
+    home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return str(home)
+
+
+def _no_connection_expected(*args):
+    raise AssertionError(f"a connection was attempted: {args}")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_imagenet_weights_offline_are_refused_with_the_ways_on(name, empty_keras_home, monkeypatch, capfd):
+    attempts = []
+    monkeypatch.setattr(models, "_host_answers", lambda *args: attempts.append(args) or False)
+    with pytest.raises(SystemExit) as exited:
+        cli.reports_errors("xray-train")(lambda argv: models.check_weights_available(name, "imagenet"))(["xray-train"])
+    message = exited.value.code
+    cached = os.path.join(empty_keras_home, "models", os.path.basename(models.IMAGENET_WEIGHTS[name]))
+    assert isinstance(message, str) and message.startswith("xray-train: error: --weights=imagenet: ")  # status 1
+    assert cached in message and "storage.googleapis.com" in message and "\n" not in message
+    assert "--weights=none" in message and "--weights=PATH" in message and "network connection" in message
+    assert len(attempts) == 1 and attempts[0][2] <= 10  # one attempt, a few seconds at most
+    assert "Traceback" not in capfd.readouterr().err
+    assert os.listdir(empty_keras_home) == []  # nothing downloaded, nothing created
+
+
+def test_cached_imagenet_weights_need_no_connection(empty_keras_home, monkeypatch):
+    monkeypatch.setattr(models, "_host_answers", _no_connection_expected)
+    os.mkdir(os.path.join(empty_keras_home, "models"))
+    for name, path in models.IMAGENET_WEIGHTS.items():
+        with open(os.path.join(empty_keras_home, "models", os.path.basename(path)), "wb"):
+            pass  # only its presence is checked
+        models.check_weights_available(name, "imagenet")
+
+
+def test_weights_other_than_imagenet_need_no_check(empty_keras_home, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_host_answers", _no_connection_expected)
+    weights_file = tmp_path / "backbone.weights.h5"
+    weights_file.write_bytes(b"")
+    for model, weights in [("resnet50", "none"), ("densenet121", str(weights_file)), ("densenet_chexnet", "imagenet")]:
+        models.check_weights_available(model, weights)
+    with pytest.raises(ConfigError, match="^model='vgg16': not one of"):
+        models.check_weights_available("vgg16", "imagenet")
+
+
+def test_connection_check_opens_a_local_port_and_not_a_closed_one():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert models._host_answers("127.0.0.1", port, timeout=2.0)
+    assert not models._host_answers("127.0.0.1", port, timeout=2.0)  # closed now: refused at once
+
+
+def test_the_download_goes_through_the_proxy_urllib_would_use(monkeypatch):
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    url = "https://storage.googleapis.com/tensorflow/keras-applications/x.h5"
+    assert models._download_route(url) == ("storage.googleapis.com", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert models._download_route(url) == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "googleapis.com")
+    assert models._download_route(url) == ("storage.googleapis.com", 443)

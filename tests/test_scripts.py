@@ -1,4 +1,7 @@
-"""scripts/: run_paper, results_table, plot_histories, explore_dataset (the table maths: test_reports; figures: test_plots)."""
+"""scripts/: run_paper, results_table, plot_histories, explore_dataset.
+
+The table maths are in test_reports, the figures in test_plots, run_paper's ImageNet check in test_run_paper.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT, shared_data
 from fake_runs import make_run
 
-from xray_tf import data, reports
+from xray_tf import data, models, reports
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
@@ -75,6 +78,23 @@ def test_sweep_does_not_rerun_finished_runs(paper_results, tiny_dataset):
     assert "prce_seed0: done already" in result.stdout
 
 
+def test_results_table_of_hand_made_runs_shows_intervals_and_the_paper(tmp_path):
+    evaluated = {"accuracy": 0.62, "balanced_accuracy": 0.5, "macro_f1": 0.4,
+                 "ci95": {"accuracy": [0.58, 0.66], "balanced_accuracy": [0.45, 0.55], "macro_f1": [0.35, 0.45]}}
+    make_run(tmp_path / "runs", "prfl_seed0", 0, {"train": 0.9, "val": 0.8},
+             extra_files={"metrics_test.json": evaluated})
+    out = tmp_path / "tables" / "table"
+    result = run_script("results_table.py", str(tmp_path / "runs"), f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    prfl = next(line for line in result.stdout.splitlines() if line.startswith("| PRFL |"))
+    assert "| 62.0 [58.0, 66.0] |" in prfl and prfl.endswith("| 85.84 / 75.0 / 75.5 |")
+    assert open(f"{out}.md").read() in result.stdout and "Bolhassani" in result.stdout
+    assert pd.read_csv(f"{out}.csv").loc[0, "test_accuracy_ci95_low"] == 0.58
+    assert pd.read_csv(f"{out}_runs.csv").loc[0, "test_source"] == "metrics_test.json"
+    result = run_script("results_table.py", str(tmp_path / "nowhere"), f"--out={out}")
+    assert result.returncode != 0 and "nowhere: not a directory" in result.stderr
+
+
 # --- plot_histories -------------------------------------------------------------------------------
 
 def test_plot_histories_draws_the_runs_it_is_given(tmp_path, paper_results):
@@ -90,7 +110,18 @@ def test_plot_histories_draws_the_runs_it_is_given(tmp_path, paper_results):
 # --- run_paper's plan ------------------------------------------------------------------------------
 
 @pytest.fixture
-def paper_flags(tmp_path) -> str:
+def cached_imagenet(tmp_path, monkeypatch) -> None:
+    """``$KERAS_HOME`` (inherited by the scripts) holds every backbone's ImageNet file, so that planning an
+    ImageNet experiment needs no network; what it checks when they are missing is in test_run_paper."""
+    cache = tmp_path / "keras_home" / "models"
+    cache.mkdir(parents=True)
+    for path in models.IMAGENET_WEIGHTS.values():
+        (cache / os.path.basename(path)).write_bytes(b"")  # only their presence is checked
+    monkeypatch.setenv("KERAS_HOME", str(cache.parent))
+
+
+@pytest.fixture
+def paper_flags(tmp_path, cached_imagenet) -> str:
     """Six flagfiles like the paper's: the two CheXNet ones name a weights file that does not exist."""
     flags_dir = tmp_path / "flags"
     flags_dir.mkdir()
@@ -158,7 +189,7 @@ def test_an_unfinished_run_stops_the_sweep(paper_flags, tmp_path):
     assert result.returncode != 0 and "exists but is unfinished" in result.stderr
 
 
-def test_the_repositorys_flagfiles_plan_the_six_experiments(tmp_path):
+def test_the_repositorys_flagfiles_plan_the_six_experiments(tmp_path, cached_imagenet):
     flags_dir = os.path.join(REPO_ROOT, "flags")
     missing = [n for n in reports.PAPER_EXPERIMENTS if not os.path.isfile(os.path.join(flags_dir, f"{n}.cfg"))]
     if missing:

@@ -15,7 +15,6 @@ file needs nothing but Keras. Only Keras 3 APIs are used for the model.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -23,25 +22,12 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
+from xray_tf import rundir
 from xray_tf.config import ConfigError
 
 # Output order of CheXNet's classifier (arnoweng/CheXNet, ChestX-ray14 label order).
-CHEXNET_CLASSES = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+CHEXNET_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                   "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 
 # torch.nn.BatchNorm2d's default. keras.applications' DenseNet uses 1.001e-5, which would shift
 # every normalised activation by ~5e-6 relative per layer, compounding over 121 layers; the
@@ -71,18 +57,21 @@ _FIXED_MODULES = {
 _DENSE_LAYER_MODULES = {"0_bn": "norm1", "1_conv": "conv1", "1_bn": "norm2", "2_conv": "conv2"}
 
 # Classifier tensors that a backbone has no place for: CheXNet's 14-way and torchvision's 1000-way.
-_CLASSIFIER_KEYS = frozenset(
-    {"classifier.0.weight", "classifier.0.bias", "classifier.weight", "classifier.bias"}
-)
+_CLASSIFIER_KEYS = frozenset({"classifier.0.weight", "classifier.0.bias", "classifier.weight", "classifier.bias"})
 
-_MAX_LISTED = 30  # per kind of problem
+_MAX_LISTED = 10  # per kind of problem, so that a refusal stays one readable paragraph
+_MAX_REASON = 200  # characters of torch's own explanation
+
+# How torch's weights_only unpickler names a Python object it will not rebuild (torch/_weights_only_unpickler.py),
+# and where its wrapped message quotes the unpickler itself (torch.serialization.load).
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
+_TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
 def _densenet121(image_size: int) -> keras.Model:
     """Keras DenseNet121 trunk (no top) with PyTorch's BatchNorm epsilon."""
-    backbone = keras.applications.DenseNet121(
-        include_top=False, weights=None, input_shape=(image_size, image_size, 3)
-    )
+    backbone = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.epsilon = TORCH_BN_EPSILON  # read at call time and saved in the layer config
@@ -99,54 +88,85 @@ def build_chexnet(image_size: int = 224) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = _densenet121(image_size)(inputs)
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
-    outputs = keras.layers.Dense(
-        len(CHEXNET_CLASSES), activation="sigmoid", name="chexnet_classifier"
-    )(pooled)
+    outputs = keras.layers.Dense(len(CHEXNET_CLASSES), activation="sigmoid", name="chexnet_classifier")(pooled)
     return keras.Model(inputs, outputs, name="chexnet")
 
 
 def _load_torch_state_dict(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
-    """Read a PyTorch checkpoint into float32 numpy arrays keyed as in the file.
+    """Read a PyTorch checkpoint into float32 numpy arrays keyed as in the file, or refuse naming it.
 
     ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers; full unpickling
-    runs whatever code the file names, so it needs the caller's explicit consent.
+    runs whatever code the file names, so it needs the caller's explicit consent. Every refusal is
+    one sentence that starts with ``path``: a command prints it as it is, without a traceback.
     """
-    import torch  # the `convert` extra; only checkpoint reading needs it
-
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist.")
+        raise FileNotFoundError(f"{path}: no such file (a PyTorch checkpoint such as CheXNet's model.pth.tar).")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty, not a PyTorch checkpoint (an interrupted download?).")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
-        # RuntimeError: the tar format of PyTorch < 0.1.10, which weights_only cannot read at all.
-        if isinstance(error, RuntimeError) and "weights_only" not in str(error):
-            raise
+        import torch  # the `convert` extra; only checkpoint reading needs it
+    except ImportError as error:
+        raise ValueError(f"{path}: reading a PyTorch checkpoint needs PyTorch, which is not installed ({error}); "
+                         f"install its CPU build: {_TORCH_INSTALL}") from error
+    try:
+        with warnings.catch_warnings():
+            # torch warns about formats it then refuses (TorchScript) or reads anyway (pickle protocol 4):
+            # the refusal, if any, is the message.
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any bytes reach the unpickler, which fails with many types on foreign ones
+        unsafe = _needs_full_unpickling(error)
+        if unsafe is None:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupted or another "
+                             f"format): {_torch_reason(error)}.") from error
         if not allow_pickle:
-            raise ValueError(
-                f"{path!r} holds Python objects other than tensors and plain containers, so it "
-                "can only be read by full unpickling, which executes code named in the file. "
-                "Pass --allow_pickle (allow_pickle=True) only if you trust its source. "
-                f"PyTorch said: {error}"
-            ) from error
-        warnings.warn(
-            f"Fully unpickling {path!r}: this executes code from the file; only do it for a "
-            "checkpoint from a trusted source.",
-            stacklevel=3,
-        )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            raise ValueError(f"{path}: {unsafe}, so only full unpickling can read it, and that executes code "
+                             "named in the file. Pass --allow_pickle (allow_pickle=True) only if you trust its "
+                             "source.") from error
+        warnings.warn(f"Fully unpickling {path!r}: this executes code from the file; only do it for a checkpoint "
+                      "from a trusted source.", stacklevel=3)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as unpickling_error:  # the file's own code may raise anything
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint, even fully unpickled: "
+                             f"{_torch_reason(unpickling_error)}.") from unpickling_error
 
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise ValueError(
-            f"{path!r}: expected a state dict or a dict with a 'state_dict' entry, "
-            f"got {type(checkpoint).__name__}."
-        )
+        empty = " (empty)" if isinstance(checkpoint, Mapping) else ""
+        raise ValueError(f"{path}: expected a state dict or a dict with a 'state_dict' entry, "
+                         f"got {type(checkpoint).__name__}{empty}.")
     not_tensors = sorted(str(k) for k, value in checkpoint.items() if not torch.is_tensor(value))
     if not_tensors:
-        raise ValueError(f"{path!r}: state dict entries that are not tensors: {not_tensors}.")
+        raise ValueError(f"{path}: {_listing('state dict entries that are not tensors', not_tensors)}.")
     # .float() first: numpy has no bfloat16, and Keras variables are float32 anyway.
     return {key: value.detach().cpu().float().numpy() for key, value in checkpoint.items()}
+
+
+def _needs_full_unpickling(error: Exception) -> str | None:
+    """Why torch's safe loader refused a file that full unpickling can read; None when it failed otherwise."""
+    message = str(error)
+    named = _UNSAFE_GLOBAL.search(message)
+    if named:
+        return f"it names the Python object {named[1]}"
+    if "legacy .tar format" in message:
+        return "it is in the .tar format of PyTorch before 0.1.10"
+    return None
+
+
+def _torch_reason(error: Exception) -> str:
+    """torch's failure in one short line: the unpickler's own words, without the advice torch wraps them in."""
+    message = str(error)
+    if "TorchScript" in message:
+        return "it is a TorchScript archive (a compiled model), not a checkpoint of tensors"
+    inner = _UNPICKLER_ERROR.search(message)
+    lines = (inner[1] if inner else message).strip().splitlines()
+    reason = (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__).rstrip(".")
+    if len(reason) > _MAX_REASON:  # torch's advice follows its diagnosis: keep whole sentences of the start
+        end = reason.rfind(". ", 0, _MAX_REASON)
+        reason = reason[:end] if end > 0 else reason[:_MAX_REASON] + " [...]"
+    return reason
 
 
 def _normalise_key(key: str) -> str:
@@ -172,9 +192,7 @@ def _torch_module(keras_layer_name: str) -> str | None:
     return None
 
 
-def _parameter_targets(
-    layer: keras.layers.Layer,
-) -> list[tuple[keras.Variable, str, tuple[int, ...] | None]]:
+def _parameter_targets(layer: keras.layers.Layer) -> list[tuple[keras.Variable, str, tuple[int, ...] | None]]:
     """(Keras variable, torch parameter name, transpose from torch to Keras layout) per variable."""
     if isinstance(layer, keras.layers.Conv2D):
         # torch (out, in, kh, kw) -> Keras (kh, kw, in, out)
@@ -204,18 +222,14 @@ def _weighted_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def _listing(title: str, items: list[str]) -> str:
-    """One block of the refusal message, capped so that a wholly wrong checkpoint stays readable."""
+    """One clause of a refusal, capped so that a wholly wrong checkpoint stays readable."""
     shown = items[:_MAX_LISTED]
-    more = f"\n  ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-    return f"{title} ({len(items)}):\n  " + "\n  ".join(shown) + more
+    more = f" and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"{title} ({len(items)}): " + ", ".join(shown) + more
 
 
-def _fill_from_state_dict(
-    model: keras.Model,
-    state_dict: Mapping[str, np.ndarray],
-    source: str,
-    discard: frozenset[str] = frozenset(),
-) -> None:
+def _fill_from_state_dict(model: keras.Model, state_dict: Mapping[str, np.ndarray], source: str,
+                          discard: frozenset[str] = frozenset()) -> None:
     """Assign every weight of ``model`` from ``state_dict``, or raise and assign nothing.
 
     All problems are collected before anything is assigned: checkpoint keys with no Keras
@@ -264,51 +278,53 @@ def _fill_from_state_dict(
             used.add(f"{module}.num_batches_tracked")
 
     unmapped = [key for k, key in by_normalised_key.items() if k not in used and k not in discard]
+    if not assignments and not mismatched:  # not one tensor matched: another architecture altogether
+        raise ValueError(f"{source}: none of its tensors ({len(state_dict)}) belongs to a DenseNet-121 (keys such as "
+                         f"{', '.join(list(state_dict)[:3])}), so it is no CheXNet or torchvision DenseNet-121 "
+                         "checkpoint; nothing was converted.")
     if unmapped or unfilled or mismatched:
-        problems = [
-            _listing(title, items)
-            for title, items in (
-                ("Unmapped checkpoint keys", unmapped),
-                ("Unfilled Keras weights", unfilled),
-                ("Shape mismatches", mismatched),
-            )
-            if items
-        ]
+        problems = [_listing(title, items) for title, items in (("unmapped checkpoint keys", unmapped),
+                                                                ("unfilled Keras weights", unfilled),
+                                                                ("shape mismatches", mismatched)) if items]
         hint = ""
         if "classifier.weight" in by_normalised_key and "classifier.weight" not in discard:
-            hint = (
-                "\nThis looks like torchvision's ImageNet DenseNet-121 (1000-way 'classifier'), "
-                "not CheXNet: use it directly with --model=densenet121 --weights=FILE."
-            )
-        raise ValueError(
-            f"{source} does not convert exactly onto Keras {model.name!r}; nothing was converted.\n"
-            + "\n".join(problems)
-            + hint
-        )
+            hint = (" This looks like torchvision's ImageNet DenseNet-121 (1000-way 'classifier'), not CheXNet: use "
+                    "it directly with --model=densenet121 --weights=FILE.")
+        raise ValueError(f"{source}: does not convert exactly onto Keras {model.name!r}, so nothing was converted; "
+                         + "; ".join(problems) + "." + hint)
     for variable, value in assignments:
         variable.assign(value)
 
 
-def convert_checkpoint(
-    input_path: str, output_path: str, allow_pickle: bool = False
-) -> keras.Model:
+def convert_checkpoint(input_path: str, output_path: str, allow_pickle: bool = False) -> keras.Model:
     """Convert CheXNet's ``model.pth.tar`` into a Keras ``.weights.h5`` of :func:`build_chexnet`.
 
     The 14-way classifier is converted too, so the Keras model reproduces CheXNet's outputs. The
-    file is written only after every tensor has been mapped; the converted model is returned.
+    file is written only after every tensor has been mapped, and whole or not at all (a temporary
+    renamed onto ``output_path``); the converted model is returned.
     """
-    if not output_path.endswith(".weights.h5"):
-        raise ConfigError("output", output_path, "must end in '.weights.h5' (Keras weights).")
+    _check_output(output_path)
     state_dict = _load_torch_state_dict(input_path, allow_pickle)
     model = build_chexnet()
-    _fill_from_state_dict(model, state_dict, source=repr(input_path))
-    model.save_weights(output_path)
+    _fill_from_state_dict(model, state_dict, source=input_path)
+    rundir.write_atomic(output_path, model.save_weights)
     return model
 
 
-def densenet121_backbone_from_torch(
-    path: str, image_size: int, allow_pickle: bool = False
-) -> keras.Model:
+def _check_output(path: str) -> None:
+    """Refuse an output the weights cannot be written to, before the slow reading and converting."""
+    if not path.endswith(".weights.h5"):
+        raise ConfigError("output", path, "must end in '.weights.h5' (Keras weights).")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError("output", path, "is a folder; name the .weights.h5 file to write.")
+    if not os.path.isdir(folder):
+        raise ConfigError("output", path, f"its folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("output", path, f"its folder {folder} is not writable.")
+
+
+def densenet121_backbone_from_torch(path: str, image_size: int, allow_pickle: bool = False) -> keras.Model:
     """DenseNet121 trunk filled from a torchvision (or CheXNet) PyTorch checkpoint, in memory.
 
     This is what ``--model=densenet121 --weights=FILE.pth`` uses: a new head is trained, so the
@@ -317,7 +333,7 @@ def densenet121_backbone_from_torch(
     """
     state_dict = _load_torch_state_dict(path, allow_pickle)
     backbone = _densenet121(image_size)
-    _fill_from_state_dict(backbone, state_dict, source=repr(path), discard=_CLASSIFIER_KEYS)
+    _fill_from_state_dict(backbone, state_dict, source=path, discard=_CLASSIFIER_KEYS)
     return backbone
 
 

@@ -3,8 +3,9 @@
 The model takes raw ``uint8`` pixels of shape ``[batch, H, W, C]`` with C = 1 (grey, what the
 input pipeline produces) or 3 (RGB). Its first layer casts to float, averages the channels to grey
 (X-rays saved as RGB carry three equal channels), repeats the grey channel three times and applies
-the normalisation the backbone was trained with, so the host feeds 4x fewer bytes than float32 and an exported SavedModel serves raw
-images. Only Keras 3 APIs are used here, so the same code runs on the TensorFlow and JAX backends.
+the normalisation the backbone was trained with, so the host feeds 4x fewer bytes than float32 and
+an exported SavedModel serves raw images. Only Keras 3 APIs are used here, so the same code runs on
+the TensorFlow and JAX backends.
 """
 
 from __future__ import annotations
@@ -12,14 +13,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterable, Iterator
+import re
+import socket
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
 
 import keras
-import numpy as np
 from keras import ops
 
 from xray_tf import metrics
 from xray_tf.config import MODELS, ConfigError
+from xray_tf.rundir import RunError
 
 # ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
 # DenseNet121 and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
@@ -70,6 +79,92 @@ class XrayPreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+# What keras.applications downloads for weights="imagenet" without the top (keras/src/applications/resnet.py,
+# densenet.py): from _IMAGENET_ORIGIN + the path, into the Keras cache's models/ folder under the file's name.
+_IMAGENET_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
+IMAGENET_WEIGHTS = {
+    "resnet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "densenet121": "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def _keras_cache_dir() -> str:
+    """The folder ``keras.utils.get_file`` downloads application weights into, by Keras' own rule.
+
+    Keras reads ``$KERAS_HOME`` once, at import (keras/src/backend/config.py), and falls back to
+    ``/tmp/.keras`` where its folder is not writable (keras/src/utils/file_utils.py); this reads
+    the variable now, which is the same for any program that does not change it while it runs.
+    """
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    home = os.path.expanduser(home)
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return os.path.join(home, "models")
+
+
+def _download_route(url: str) -> tuple[str, int]:
+    """The host and port that urllib, and so Keras' downloader, connects to for ``url``: a proxy if one is set."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_parts.hostname, proxy_parts.port or 80
+    return parts.hostname, parts.port or 443
+
+
+def _host_answers(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds; nothing is sent.
+
+    The attempt runs in a daemon thread so that the name lookup, which no socket timeout bounds,
+    cannot hold the caller longer either.
+    """
+    answered, done = [], threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass  # refused, unreachable or unknown: the host does not answer
+        done.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    done.wait(timeout)
+    return bool(answered)
+
+
+def check_weights_available(model: str, weights: str) -> None:
+    """Refuse ``weights="imagenet"`` when Keras could neither find nor download the backbone's weights.
+
+    Keras downloads them on first use, once, into its cache; offline, that download fails deep in
+    Keras after the data has been decoded. This looks for the cached file and otherwise opens one
+    connection to the download host (a few seconds at most, nothing downloaded). "none", a weights
+    file, and the CheXNet model (whose trunk comes from ``chexnet_weights``) need nothing.
+    """
+    if model not in MODELS:
+        raise ConfigError("model", model, f"not one of {', '.join(MODELS)}.")
+    if weights != "imagenet" or model not in IMAGENET_WEIGHTS:
+        return
+    url = _IMAGENET_ORIGIN + IMAGENET_WEIGHTS[model]
+    cached = os.path.join(_keras_cache_dir(), os.path.basename(url))
+    if os.path.isfile(cached):
+        return
+    host, port = _download_route(url)
+    if _host_answers(host, port, _CONNECT_TIMEOUT_S):
+        return
+    raise ConfigError("weights", "imagenet", (
+        f"Keras downloads {model}'s ImageNet weights on first use into {cached}, which does not exist, and "
+        f"{host}:{port} cannot be reached (no connection within {_CONNECT_TIMEOUT_S:g} s). Either train from "
+        f"scratch with --weights=none; or fetch {url} on a machine with a network and pass the file as "
+        f"--weights=PATH (or copy it to {cached}); or run once with a network connection, after which the "
+        "cached file is used offline."))
+
+
 def _resolve_weights(weights: str) -> str | None:
     """Map the ``weights`` setting onto what ``keras.applications`` accepts at build time."""
     if weights == "imagenet":
@@ -108,9 +203,7 @@ def build_backbone(
     }
     if model_name not in constructors:
         raise ConfigError("model", model_name, f"not one of {', '.join(MODELS)}.")
-    backbone = constructors[model_name](
-        include_top=False, weights=_resolve_weights(weights), input_shape=input_shape
-    )
+    backbone = constructors[model_name](include_top=False, weights=_resolve_weights(weights), input_shape=input_shape)
     if weights not in ("imagenet", "none"):
         try:
             backbone.load_weights(weights)
@@ -120,14 +213,8 @@ def build_backbone(
     return backbone
 
 
-def build_model(
-    model_name: str,
-    num_classes: int,
-    image_size: int,
-    weights: str = "imagenet",
-    dropout: float = 0.0,
-    chexnet_weights: str | None = None,
-) -> keras.Model:
+def build_model(model_name: str, num_classes: int, image_size: int, weights: str = "imagenet", dropout: float = 0.0,
+                chexnet_weights: str | None = None) -> keras.Model:
     """Build ``uint8 [B, H, W, 1 or 3] -> class probabilities [B, num_classes]``.
 
     The head is global average pooling, dropout and a Dense softmax kept in float32 so that
@@ -144,19 +231,52 @@ def build_model(
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="probabilities"
-    )(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"xray_{model_name}")
 
 
 # What a saved model names besides Keras' own classes: needed to rebuild it in any program.
 _CUSTOM_OBJECTS = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall}
+# Where Keras' errors turn from the diagnosis to quoting configs and arrays or to advice for developers.
+_END_OF_DIAGNOSIS = re.compile(r"Full object config:|config=|Target variable:|Make sure custom classes")
+_MAX_REASON = 300  # characters of Keras' own explanation
 
 
-def load_model(path: str) -> keras.Model:
-    """Load a ``.keras`` file written by training, with ``safe_mode`` (no code runs from the file)."""
-    return keras.saving.load_model(path, custom_objects=_CUSTOM_OBJECTS, safe_mode=True)
+def load_model(path: str, compile: bool = True) -> keras.Model:
+    """Load a ``.keras`` file written by training, with ``safe_mode`` (no code runs from the file).
+
+    A file that is not one (a folder, another format, a truncated zip, a config naming a class that
+    neither Keras nor xray_tf defines, a Lambda layer's code) is refused with a RunError that
+    names it and says what is wrong in one line. ``compile=False`` skips the optimizer and
+    metrics, which predicting does not need.
+    """
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: {'a folder, not a .keras model file' if os.path.isdir(path) else 'no such file'}.")
+    if not path.endswith(".keras"):  # Keras picks the format by name: .h5 would go to its legacy loader
+        raise RunError(f"{path}: not a .keras model file (the name must end in .keras).")
+    if os.path.getsize(path) == 0:
+        raise RunError(f"{path}: an empty file, not a .keras model (an interrupted write?).")
+    if not zipfile.is_zipfile(path):
+        raise RunError(f"{path}: not a zip archive, as a .keras model file is (truncated, or another format?).")
+    with warnings.catch_warnings(record=True) as caught:  # Keras warns on its way to refusing a broken file
+        try:
+            model = keras.saving.load_model(path, custom_objects=_CUSTOM_OBJECTS, compile=compile, safe_mode=True)
+        except Exception as error:  # the file is input: Keras fails on a foreign one with many types
+            raise RunError(f"{path}: cannot be loaded as a Keras model: {_keras_reason(error)}") from error
+    for warning in caught:  # the model loaded: what Keras noticed on the way is worth seeing
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
+
+
+def _keras_reason(error: Exception) -> str:
+    """Keras' refusal in one line: the innermost message, without the configs and arrays it quotes."""
+    message = str(error).rsplit("Exception encountered:", 1)[-1]
+    message = " ".join(_END_OF_DIAGNOSIS.split(message, 1)[0].split())
+    reason = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if len(reason) > _MAX_REASON:  # Keras' advice to developers follows its diagnosis: keep whole sentences
+        end = reason.rfind(". ", 0, _MAX_REASON)
+        reason = reason[:end + 1] if end > 0 else reason[:_MAX_REASON] + " [...]"
+    return reason if reason.endswith((".", "]")) else reason + "."
 
 
 def model_from_config(config: dict) -> keras.Model:
@@ -167,23 +287,6 @@ def model_from_config(config: dict) -> keras.Model:
     """
     # Keras pops entries from the config it deserializes: a copy leaves the caller's intact.
     return keras.saving.deserialize_keras_object(copy.deepcopy(config), custom_objects=_CUSTOM_OBJECTS, safe_mode=True)
-
-
-def predict_batches(model: keras.Model, batches: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
-    """Class probabilities ``float32 [n, k]`` for the images of ``batches``, in order.
-
-    A batch shorter than ``batch_size`` (the last one of a split) is padded with blank images and
-    the padding's rows dropped, so every call has one input shape and XLA compiles the predict
-    step once instead of once per remainder, which costs about a minute per shape for
-    DenseNet121 on a GPU.
-    """
-    probabilities = [np.zeros((0, model.output_shape[-1]), np.float32)]
-    for images in batches:
-        count = len(images)
-        if count < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
-        probabilities.append(ops.convert_to_numpy(model.predict_on_batch(images))[:count].astype(np.float32))
-    return np.concatenate(probabilities)
 
 
 def _batch_norms(model: keras.Model) -> Iterator[keras.layers.BatchNormalization]:

@@ -6,9 +6,13 @@ into experiments by name (``prce_seed0``, ``prce_seed1`` -> ``prce``; ``prce_ext
 Writes
 
 * ``PREFIX.md``: Tr / Val / Tst accuracy, balanced accuracy and macro F1, the paper's "average accuracy
-  over epochs", as percent mean ± sample std over seeds, with the published numbers beside them;
-* ``PREFIX.csv``: the same per experiment as fractions: ``<metric>_mean``, ``_std``, ``_n``;
-* ``PREFIX_runs.csv``: every run's own numbers and the file each split's numbers came from.
+  over epochs", as percent mean ± sample std over seeds -- or, for an experiment of a single run,
+  its value and 95 % bootstrap interval ``[low, high]`` (the ``ci95`` of its metrics file) -- with the
+  paper's published Table 1 numbers beside them (Bolhassani, JILSA 16(2):80-90, 2024,
+  doi:10.4236/jilsa.2024.162006; see ``xray_tf.reports.PUBLISHED_ACCURACY``);
+* ``PREFIX.csv``: the same per experiment as fractions: ``<metric>_mean``, ``_std``, ``_n`` and, for
+  a single run, ``_ci95_low`` and ``_ci95_high``;
+* ``PREFIX_runs.csv``: every run's own numbers and intervals and the file each split's numbers came from.
 
 Accuracies come from ``metrics_<split>.json`` (xray-evaluate) where present, else from
 the run's ``metrics.json``; the paper's metric from ``history.csv``.

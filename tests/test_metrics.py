@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from xray_tf import metrics
+from xray_tf.config import ConfigError
 
 CLASSES = ("Normal", "Bacteria", "Virus", "COVID-19")
 # Rows: true class, columns: predicted. Virus is absent from the split but predicted once (wrongly).
@@ -118,9 +119,17 @@ def test_roc_auc_matches_pairwise_count_on_random_scores():
     assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(pairwise)
 
 
+def matrix_images(matrix: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, probabilities)`` of images the matrix counts: random probabilities whose argmax is each one's cell."""
+    cells = np.repeat(np.arange(matrix.size), matrix.ravel())
+    y_true, y_pred = cells // len(matrix), cells % len(matrix)
+    probabilities = np.random.default_rng(seed).dirichlet(np.ones(len(matrix)), size=len(cells))
+    probabilities[np.arange(len(cells)), y_pred] += 1.0  # above every other class's share
+    return y_true, probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
 def test_report_with_probabilities_adds_one_vs_rest_auc():
-    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 3, 3])  # the rows of MATRIX; Virus (2) absent
-    probabilities = np.random.default_rng(1).dirichlet(np.ones(4), size=12)
+    y_true, probabilities = matrix_images(MATRIX)  # Virus (2) absent
     report = metrics.classification_report(MATRIX, CLASSES, y_true, probabilities)
     for i, name in enumerate(CLASSES):
         expected = metrics.roc_auc(y_true == i, probabilities[:, i])
@@ -140,3 +149,115 @@ def test_report_refuses_labels_that_do_not_fit_the_matrix():
         metrics.classification_report(MATRIX, CLASSES, probabilities=probabilities)
     with pytest.raises(ValueError, match="NaN"):
         metrics.roc_auc([True, False], [np.nan, 0.1])
+
+
+def test_report_refuses_a_matrix_that_is_not_the_argmax():
+    y_true, probabilities = matrix_images(MATRIX)
+    with pytest.raises(ValueError, match="argmax"):
+        metrics.classification_report(MATRIX, CLASSES, y_true, probabilities[:, ::-1])
+
+
+# --- precision-recall curve -------------------------------------------------------------------------
+
+def test_precision_recall_curve_by_hand():
+    # Descending: 0.9 hit (recall 1/2, precision 1), 0.8 miss (1/2, 1/2), 0.7 hit (1, 2/3), 0.1 miss (1, 1/2).
+    recall, precision, average_precision = metrics.precision_recall_curve([True, False, True, False],
+                                                                          [0.9, 0.8, 0.7, 0.1])
+    np.testing.assert_allclose(recall, [0, 1 / 2, 1 / 2, 1, 1])
+    np.testing.assert_allclose(precision, [1, 1, 1 / 2, 2 / 3, 1 / 2])
+    assert average_precision == pytest.approx(1 / 2 * 1 + 1 / 2 * 2 / 3)  # recall gained x precision: 5/6
+
+
+def test_precision_recall_curve_ties_one_step_and_extremes():
+    # 0.5 holds a hit and a miss: one step from (1/2, 1) to (1, 2/3).
+    recall, precision, average_precision = metrics.precision_recall_curve([True, True, False, False],
+                                                                          [0.9, 0.5, 0.5, 0.1])
+    np.testing.assert_allclose(recall, [0, 1 / 2, 1, 1])
+    np.testing.assert_allclose(precision, [1, 1, 2 / 3, 1 / 2])
+    assert average_precision == pytest.approx(5 / 6)
+    assert metrics.precision_recall_curve([True, True, False], [0.9, 0.8, 0.1])[2] == 1.0  # positives first
+    assert metrics.precision_recall_curve([False, False], [0.2, 0.4]) is None
+
+
+# --- intervals ------------------------------------------------------------------------------------
+
+def per_class_scalars(report: dict) -> dict:
+    """The report's scalars under their ci95 names."""
+    scalars = {key: report[key] for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}
+    for name, stats in report["per_class"].items():
+        scalars[f"recall_{name}"], scalars[f"specificity_{name}"] = stats["recall"], stats["specificity"]
+    return scalars
+
+
+def test_every_scalar_gets_an_interval_around_it_or_null():
+    y_true, probabilities = matrix_images(MATRIX)
+    report = metrics.classification_report(MATRIX, CLASSES, y_true, probabilities, resamples=500)
+    scalars = per_class_scalars(report)
+    assert set(report["ci95"]) == set(scalars)  # recall_COVID-19: the class as per_class spells it
+    for name, point in scalars.items():
+        interval = report["ci95"][name]
+        if point is None:
+            assert interval is None, name
+        else:
+            assert interval[0] <= point <= interval[1], name
+    assert report["ci95"]["recall_Virus"] is None and report["ci95"]["specificity_Virus"] is not None
+    # Stratified: COVID-19 keeps its 2 images, one right, so its recall moves only with them.
+    assert report["ci95"]["recall_COVID-19"] == [0.0, 1.0]
+    assert json.loads(json.dumps(report, allow_nan=False))["ci95"] == report["ci95"]
+
+
+def test_matrix_alone_gets_intervals_of_its_counts():
+    report = metrics.classification_report(MATRIX, CLASSES, resamples=500)
+    assert "macro_roc_auc" not in report["ci95"]
+    low, high = report["ci95"]["accuracy"]
+    assert low < 8 / 12 < high
+    assert metrics.classification_report(np.zeros((2, 2), dtype=int), ("a", "b"), resamples=10)["ci95"] == {
+        "accuracy": None, "balanced_accuracy": None, "macro_f1": None, "recall_a": None, "specificity_a": None,
+        "recall_b": None, "specificity_b": None}
+
+
+def test_intervals_are_reproducible_for_a_seed():
+    y_true, probabilities = matrix_images(MATRIX)
+    first, again, other = (metrics.classification_report(MATRIX, CLASSES, y_true, probabilities, resamples=300,
+                                                         seed=seed)["ci95"] for seed in (3, 3, 4))
+    assert first == again and first != other
+
+
+def test_a_resample_is_the_images_it_repeats():
+    """Weights are image counts: the metrics of a weighting equal the report of the repeated images."""
+    y_true, probabilities = matrix_images(MATRIX)
+    y_pred = probabilities.argmax(axis=1)
+    weights = np.random.default_rng(2).integers(0, 3, size=len(y_true))
+    weighted = metrics.metric_values(weights[None].astype(float), y_true, y_pred, CLASSES, probabilities)
+    repeated_true, repeated_probabilities = np.repeat(y_true, weights), np.repeat(probabilities, weights, axis=0)
+    matrix = metrics.confusion_matrix(repeated_true, repeated_probabilities.argmax(axis=1), len(CLASSES))
+    report = metrics.classification_report(matrix, CLASSES, repeated_true, repeated_probabilities, resamples=1)
+    for name, point in per_class_scalars(report).items():
+        assert weighted[name][0] == (pytest.approx(point) if point is not None else pytest.approx(np.nan, nan_ok=True))
+
+
+def test_patient_groups_are_drawn_together():
+    """Three identical images per patient resampled by patient: the intervals of one image per patient.
+
+    Patients are named in the images' order, so both draw the same way; without the groups the
+    tripled images look like three times the evidence and the intervals shrink.
+    """
+    y_true, probabilities = matrix_images(MATRIX)
+    alone = metrics.classification_report(MATRIX, CLASSES, y_true, probabilities, resamples=400)["ci95"]
+    tripled = dict(matrix=3 * MATRIX, class_names=CLASSES, y_true=np.repeat(y_true, 3),
+                   probabilities=np.repeat(probabilities, 3, axis=0), resamples=400)
+    patients = [f"patient{i:03d}" for i in np.repeat(np.arange(len(y_true)), 3)]
+    grouped = metrics.classification_report(**tripled, groups=patients)["ci95"]
+    assert grouped == pytest.approx(alone)
+    ungrouped = metrics.classification_report(**tripled)["ci95"]["accuracy"]
+    assert ungrouped[1] - ungrouped[0] < alone["accuracy"][1] - alone["accuracy"][0]
+
+
+def test_bad_bootstrap_arguments_are_refused():
+    y_true, probabilities = matrix_images(MATRIX)
+    with pytest.raises(ConfigError, match="resamples"):
+        metrics.classification_report(MATRIX, CLASSES, resamples=0)
+    with pytest.raises(ValueError, match="3 patient groups for 12 images"):
+        metrics.classification_report(MATRIX, CLASSES, y_true, probabilities, groups=["a", "b", "c"])
+    with pytest.raises(ValueError, match="in the groups' order"):
+        metrics.classification_report(MATRIX, CLASSES, groups=["a"] * 12)

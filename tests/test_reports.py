@@ -43,7 +43,7 @@ def test_table_averages_seeds_and_keeps_experiments_apart(tmp_path):
     assert prce["train_avg_accuracy_over_epochs_std"] == pytest.approx(np.std(per_run, ddof=1))
     markdown = reports.markdown_table(table)
     prce_line = next(line for line in markdown.splitlines() if line.startswith("| PRCE |"))
-    assert "| 90.0 ± 10.0 | 70.0 ± 10.0 | n/a |" in prce_line and reports.NOT_FOUND in prce_line
+    assert "| 90.0 ± 10.0 | 70.0 ± 10.0 | n/a |" in prce_line and "| 81.06 / 65.39 / 62.1 |" in prce_line
     rce_line = next(line for line in markdown.splitlines() if line.startswith("| RCE |"))
     assert "| 50.0 | 40.0 | 30.0 |" in rce_line
 
@@ -54,6 +54,27 @@ def test_evaluate_output_takes_precedence_over_training_metrics(tmp_path):
     runs, table = reports.summarise([str(tmp_path / "prfl_seed0")])
     assert runs.loc[0, "test_accuracy"] == 0.61 and runs.loc[0, "test_source"] == "metrics_test.json"
     assert runs.loc[0, "val_source"] == "metrics.json"
+
+
+def test_a_single_run_shows_its_intervals_and_published_numbers_sit_beside(tmp_path):
+    evaluated = {"accuracy": 0.62, "balanced_accuracy": 0.5, "macro_f1": 0.4,
+                 "ci95": {"accuracy": [0.58, 0.66], "balanced_accuracy": None, "macro_f1": [0.35, 0.45]}}
+    make_run(tmp_path, "pdcxce_seed0", 0, {"train": 0.9, "val": 0.8}, extra_files={"metrics_test.json": evaluated})
+    for seed in (0, 1):
+        make_run(tmp_path, f"prcw_seed{seed}", seed, {"train": 0.9, "val": 0.8},
+                 extra_files={"metrics_test.json": evaluated})
+    make_run(tmp_path, "mine_seed0", 0, {"train": 0.9})
+    runs, table = reports.summarise(rundir.find_runs([str(tmp_path)]))
+    single = table.set_index("experiment").loc["pdcxce"]
+    assert (single["test_accuracy_ci95_low"], single["test_accuracy_ci95_high"]) == (0.58, 0.66)
+    markdown = reports.markdown_table(table)
+    lines = {line.split(" | ")[0]: line for line in markdown.splitlines() if line.startswith("| ")}
+    # Tst acc, then Val bal. acc and macro F1 (no interval in metrics.json), then Tst bal. acc (null) and macro F1.
+    assert "| 62.0 [58.0, 66.0] | 40.0 | 20.0 | 50.0 | 40.0 [35.0, 45.0] |" in lines["| PDCXCE"]
+    assert "| 85.28 / 76.062 / 80.0 |" in lines["| PDCXCE"]
+    assert "| 62.0 ± 0.0 |" in lines["| PRCW"] and "[" not in lines["| PRCW"]  # seeds: mean ± std only
+    assert lines["| mine"].endswith(f"| {reports.NOT_FOUND} |")
+    assert runs.set_index("experiment").loc["pdcxce", "test_macro_f1_ci95_high"] == 0.45
 
 
 def test_extra_data_runs_form_their_own_rows(tmp_path):

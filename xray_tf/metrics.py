@@ -9,6 +9,16 @@ taken over the classes where it is defined.
 ROC AUC is computed here with NumPy rather than taken from scikit-learn, which the project does not
 depend on: it is the Mann-Whitney statistic, the probability that a random image of the class gets a
 higher score than a random image of another class, with ties counted as one half.
+
+Every scalar of the report -- accuracy, balanced accuracy, macro F1, macro ROC AUC and per class
+recall and specificity -- gets a 95 % bootstrap interval in ``report["ci95"]``, keyed
+``"accuracy"`` ... and ``"recall_<class>"``, ``"specificity_<class>"`` with the class spelled as
+``per_class`` spells it (``"recall_COVID-19"``). Resampling and the null rule are
+``xray_tf.statistics``'s: stratified by class, by patient where ids are given, seeded; null where
+the point estimate is undefined or the metric is undefined in more than 2.5 % of the resamples.
+Every metric is computed for many weightings of the images at once (a resample is a weight per
+image), and the report itself is the weighting where every image counts once, so the point
+estimates and their intervals come from the same formulas.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 from keras import ops
+
+from xray_tf import statistics
 
 
 def metric_suffix(class_name: str) -> str:
@@ -60,26 +72,58 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: 
     return matrix
 
 
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return float(numerator / denominator) if denominator > 0 else None
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise quotient, NaN where the denominator is zero: undefined, not 0."""
+    numerator, denominator = np.broadcast_arrays(np.asarray(numerator, dtype=np.float64),
+                                                 np.asarray(denominator, dtype=np.float64))
+    return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator > 0)
 
 
-def _mean_defined(values: list[float | None]) -> float | None:
-    defined = [v for v in values if v is not None]
-    return float(np.mean(defined)) if defined else None
+def _mean_defined(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the values that are not NaN; NaN where none is."""
+    defined = ~np.isnan(values)
+    return _ratio(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
 
 
-def _midranks(scores: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``scores``, tied values sharing the mean of the ranks they span."""
-    order = np.argsort(scores, kind="stable")
-    ordered = scores[order]
-    starts_group = np.concatenate([[True], ordered[1:] != ordered[:-1]])
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.append(starts[1:], len(scores))  # exclusive
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[group]
-    return ranks
+def _matrix_metrics(matrices: np.ndarray) -> dict[str, np.ndarray]:
+    """The report's confusion-matrix metrics of each matrix ``[r, k, k]``: per class ``[r, k]``, overall ``[r]``."""
+    true_counts, predicted_counts = matrices.sum(axis=2), matrices.sum(axis=1)
+    hits = np.diagonal(matrices, axis1=1, axis2=2)
+    total = true_counts.sum(axis=1)
+    negatives = total[:, None] - true_counts
+    recall = _ratio(hits, true_counts)
+    # 2TP / (2TP + FP + FN): 0 for a present class never predicted, undefined for an absent one.
+    f1 = np.where(true_counts > 0, _ratio(2 * hits, true_counts + predicted_counts), np.nan)
+    return {
+        "support": true_counts,
+        "precision": _ratio(hits, predicted_counts),
+        "recall": recall,
+        "specificity": _ratio(negatives - (predicted_counts - hits), negatives),
+        "f1": f1,
+        "accuracy": _ratio(hits.sum(axis=1), total),
+        "balanced_accuracy": _mean_defined(recall),
+        "macro_f1": _mean_defined(f1),
+    }
+
+
+def _weighted_aucs(is_positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``scores`` under each row of per-image ``weights`` ``[r, n]``: ``[r]``, NaN where undefined.
+
+    The Mann-Whitney count with weights: each positive scores the weight of the negatives below it
+    plus half the weight of those tied with it, read off the negatives' cumulative weight (sorted
+    once for every resample) where its score would be inserted.
+    """
+    negatives = np.flatnonzero(~is_positive)
+    order = np.argsort(scores[negatives], kind="stable")
+    negative_scores, negatives = scores[negatives][order], negatives[order]
+    cumulative = np.zeros((len(weights), len(negatives) + 1))  # weight of the lowest j negatives, j = 0..m
+    np.cumsum(weights[:, negatives], axis=1, out=cumulative[:, 1:])
+    positive_scores = scores[is_positive]
+    below = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="left")]
+    not_above = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="right")]
+    positive_weights = weights[:, is_positive]
+    wins = np.sum(positive_weights * (below + not_above), axis=1) / 2.0  # below + half the ties
+    return _ratio(wins, positive_weights.sum(axis=1) * cumulative[:, -1])
 
 
 def _binary_inputs(is_positive: Sequence[bool], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,24 +131,31 @@ def _binary_inputs(is_positive: Sequence[bool], scores: Sequence[float]) -> tupl
     scores = np.asarray(scores, dtype=np.float64)
     if is_positive.shape != scores.shape or scores.ndim != 1:
         raise ValueError(f"Expected two equal 1-D arrays, got shapes {is_positive.shape} and {scores.shape}.")
+    _check_finite(scores)
+    return is_positive, scores
+
+
+def _check_finite(scores: np.ndarray) -> None:
     if not np.all(np.isfinite(scores)):
         raise ValueError("Scores contain NaN or infinity; the model's probabilities are not usable.")
-    return is_positive, scores
 
 
 def roc_auc(is_positive: Sequence[bool], scores: Sequence[float]) -> float | None:
     """Area under the ROC curve of ``scores`` for the positives; ``None`` without positives or negatives.
 
-    Rank-based (Mann-Whitney U / (n_pos * n_neg)) with mid-ranks, so a tie between a positive and a
-    negative counts one half, exactly the trapezoidal area under ``roc_curve``.
+    Rank-based (Mann-Whitney U / (n_pos * n_neg)), a tie between a positive and a negative counting
+    one half, exactly the trapezoidal area under ``roc_curve``.
     """
     is_positive, scores = _binary_inputs(is_positive, scores)
-    n_pos = int(is_positive.sum())
-    n_neg = len(is_positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    rank_sum = _midranks(scores)[is_positive].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return statistics.defined(_weighted_aucs(is_positive, scores, np.ones((1, len(scores))))[0])
+
+
+def _descending_counts(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(true positives, false positives)`` at each threshold between distinct scores, highest first."""
+    order = np.argsort(-scores, kind="stable")
+    ordered, hits = scores[order], is_positive[order]
+    last_of_group = np.append(ordered[1:] != ordered[:-1], True)  # tied scores make one step
+    return np.cumsum(hits)[last_of_group], np.cumsum(~hits)[last_of_group]
 
 
 def roc_curve(is_positive: Sequence[bool], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -118,12 +169,54 @@ def roc_curve(is_positive: Sequence[bool], scores: Sequence[float]) -> tuple[np.
     n_neg = len(is_positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(-scores, kind="stable")
-    ordered, hits = scores[order], is_positive[order]
-    last_of_group = np.append(ordered[1:] != ordered[:-1], True)  # thresholds between distinct scores
-    true_positives = np.cumsum(hits)[last_of_group]
-    false_positives = np.cumsum(~hits)[last_of_group]
+    true_positives, false_positives = _descending_counts(is_positive, scores)
     return (np.concatenate([[0.0], false_positives / n_neg]), np.concatenate([[0.0], true_positives / n_pos]))
+
+
+def precision_recall_curve(is_class: Sequence[bool],
+                           scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(recall, precision, average precision)``, a point per distinct score after (0, 1); ``None`` without positives.
+
+    Average precision is the step-wise sum of precision times each step's gain in recall (no
+    interpolation between points), so a ranking with every positive first scores 1 and a class
+    that is a share p of the images scores about p under random scores.
+    """
+    is_class, scores = _binary_inputs(is_class, scores)
+    n_pos = int(is_class.sum())
+    if n_pos == 0:
+        return None
+    true_positives, false_positives = _descending_counts(is_class, scores)
+    recall = true_positives / n_pos
+    precision = true_positives / (true_positives + false_positives)
+    average_precision = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    return np.concatenate([[0.0], recall]), np.concatenate([[1.0], precision]), average_precision
+
+
+def metric_values(weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
+                  probabilities: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The metrics that get intervals in ``ci95``, under each row of per-image ``weights``.
+
+    ``weights`` ``[r, n]`` says how many times each image counts (a bootstrap resample; a row of
+    ones is the split itself); the result maps each name to ``[r]`` values, NaN where undefined.
+    ``macro_roc_auc`` is there when ``probabilities`` ``[n, k]`` are given.
+    """
+    num_classes = len(class_names)
+    cells = np.zeros((len(y_true), num_classes * num_classes))
+    cells[np.arange(len(y_true)), np.asarray(y_true) * num_classes + np.asarray(y_pred)] = 1.0
+    matrix_metrics = _matrix_metrics((weights @ cells).reshape(len(weights), num_classes, num_classes))
+    values = {name: matrix_metrics[name] for name in ("accuracy", "balanced_accuracy", "macro_f1")}
+    if probabilities is not None:
+        aucs = [_weighted_aucs(np.asarray(y_true) == i, probabilities[:, i], weights) for i in range(num_classes)]
+        values["macro_roc_auc"] = _mean_defined(np.stack(aucs, axis=1))
+    for i, name in enumerate(class_names):
+        values[interval_name("recall", name)] = matrix_metrics["recall"][:, i]
+        values[interval_name("specificity", name)] = matrix_metrics["specificity"][:, i]
+    return values
+
+
+def interval_name(metric: str, class_name: str) -> str:
+    """``("recall", "COVID-19")`` -> ``"recall_COVID-19"``: a per-class key of ``ci95``, spelled as ``per_class`` is."""
+    return f"{metric}_{class_name}"
 
 
 def classification_report(
@@ -131,50 +224,66 @@ def classification_report(
     class_names: Sequence[str],
     y_true: Sequence[int] | None = None,
     probabilities: np.ndarray | None = None,
+    *,
+    groups: Sequence[object] | None = None,
+    resamples: int = statistics.RESAMPLES,
+    seed: int = 0,
 ) -> dict:
     """Accuracy, balanced accuracy, macro F1 and per-class precision, recall (sensitivity),
-    specificity and F1 from a confusion matrix.
+    specificity and F1 from a confusion matrix, with bootstrap intervals under ``ci95``.
 
-    Given the true labels and the predicted probabilities ``[n, k]`` of the same images, it adds the
-    one-vs-rest ROC AUC of each class and their mean over the classes where it is defined.
+    Given the true labels and the predicted probabilities ``[n, k]`` of the same images (whose
+    argmax the matrix counts), it adds the one-vs-rest ROC AUC of each class and their mean over
+    the classes where it is defined, and resamples those images; ``groups`` (a patient id per
+    image) makes the resampling draw a patient's images together. Without labels the matrix's
+    counts are resampled, each image on its own. ``resamples`` and ``seed`` are the bootstrap's.
     """
     matrix = np.asarray(matrix, dtype=np.int64)
-    total = int(matrix.sum())
-    true_counts, predicted_counts, hits = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
-    aucs = _one_vs_rest_aucs(true_counts, len(class_names), y_true, probabilities)
+    num_classes = len(class_names)
+    if matrix.shape != (num_classes, num_classes):
+        raise ValueError(f"A confusion matrix of shape {matrix.shape} does not fit {num_classes} classes.")
+    if groups is not None and y_true is None:
+        raise ValueError("Patient groups need the images' labels and probabilities, in the groups' order.")
+    y_true, y_pred, probabilities = _per_image(matrix, y_true, probabilities)
+    matrix_metrics = {name: values[0] for name, values in _matrix_metrics(matrix[None]).items()}
+    aucs = None
+    if probabilities is not None:
+        single = np.ones((1, len(y_true)))
+        aucs = np.array([_weighted_aucs(y_true == i, probabilities[:, i], single)[0] for i in range(num_classes)])
     per_class = {}
     for i, name in enumerate(class_names):
-        negatives = total - true_counts[i]
-        false_positives = predicted_counts[i] - hits[i]
-        per_class[name] = {
-            "support": int(true_counts[i]),
-            "precision": _ratio(hits[i], predicted_counts[i]),
-            "recall": _ratio(hits[i], true_counts[i]),
-            "specificity": _ratio(negatives - false_positives, negatives),
-            # 2TP / (2TP + FP + FN): 0 for a present class never predicted, undefined for an absent one.
-            "f1": _ratio(2 * hits[i], true_counts[i] + predicted_counts[i]) if true_counts[i] else None,
-        }
+        per_class[name] = {"support": int(matrix_metrics["support"][i])}
+        per_class[name].update({key: statistics.defined(matrix_metrics[key][i])
+                                for key in ("precision", "recall", "specificity", "f1")})
         if aucs is not None:
-            per_class[name]["roc_auc"] = aucs[i]
-    report = {
-        "num_images": total,
-        "accuracy": _ratio(hits.sum(), total),
-        "balanced_accuracy": _mean_defined([c["recall"] for c in per_class.values()]),
-        "macro_f1": _mean_defined([c["f1"] for c in per_class.values()]),
-    }
+            per_class[name]["roc_auc"] = statistics.defined(aucs[i])
+    report = {"num_images": int(matrix.sum())}
+    report.update({key: statistics.defined(matrix_metrics[key])
+                   for key in ("accuracy", "balanced_accuracy", "macro_f1")})
     if aucs is not None:
-        report["macro_roc_auc"] = _mean_defined(aucs)
+        report["macro_roc_auc"] = statistics.defined(_mean_defined(aucs))
     report["per_class"] = per_class
     report["confusion_matrix"] = matrix.tolist()
+
+    def values(weights: np.ndarray) -> dict[str, np.ndarray]:
+        return metric_values(weights, y_true, y_pred, class_names, probabilities)
+
+    points = {name: statistics.defined(value[0]) for name, value in values(np.ones((1, len(y_true)))).items()}
+    report["ci95"] = statistics.intervals(statistics.bootstrap(values, y_true, groups, resamples, seed), points)
     return report
 
 
-def _one_vs_rest_aucs(
-    true_counts: np.ndarray, num_classes: int, y_true: Sequence[int] | None, probabilities: np.ndarray | None
-) -> list[float | None] | None:
-    """Per-class ROC AUC, after checking that labels and probabilities describe the matrix's images."""
+def _per_image(matrix: np.ndarray, y_true: Sequence[int] | None, probabilities: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(true class, predicted class, probabilities or None)`` of each image the matrix counts.
+
+    From the labels and probabilities, after checking that they describe the matrix's images; from
+    the matrix alone, one (true, predicted) pair per count, for the intervals of its metrics.
+    """
+    num_classes = len(matrix)
     if y_true is None and probabilities is None:
-        return None
+        cells = np.repeat(np.arange(matrix.size), matrix.ravel())
+        return cells // num_classes, cells % num_classes, None
     if y_true is None or probabilities is None:
         raise ValueError("ROC AUC needs both the true labels and the predicted probabilities.")
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -183,6 +292,11 @@ def _one_vs_rest_aucs(
         raise ValueError(
             f"Probabilities of shape {probabilities.shape} do not fit {len(y_true)} labels and {num_classes} classes."
         )
-    if not np.array_equal(np.bincount(y_true, minlength=num_classes), true_counts):
+    if not np.array_equal(np.bincount(y_true, minlength=num_classes), matrix.sum(axis=1)):
         raise ValueError("The true labels do not match the confusion matrix's class counts.")
-    return [roc_auc(y_true == i, probabilities[:, i]) for i in range(num_classes)]
+    _check_finite(probabilities)
+    y_pred = np.argmax(probabilities, axis=1)
+    if not np.array_equal(confusion_matrix(y_true, y_pred, num_classes), matrix):
+        raise ValueError("The confusion matrix does not count the probabilities' argmax; the report resamples "
+                         "the images it describes and needs the two to agree.")
+    return y_true, y_pred, probabilities

@@ -6,18 +6,22 @@ import json
 import os
 import shutil
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_data
+import tensorflow as tf
+from conftest import run_module, shared_data
+from fake_runs import make_run
 
-from xray_tf import data, evaluate, metrics, plots, rundir
+from xray_tf import calibration, data, evaluate, export, metrics, models, plots, rundir
 from xray_tf.config import ConfigError
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
 REPORT_KEYS = {"num_images", "accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "per_class",
-               "confusion_matrix", "paper_metric", "split", "data_dir", "classes"}
+               "confusion_matrix", "paper_metric", "split", "data_dir", "classes", "ci95", "calibration",
+               "predicted_share", "absent_classes", "probabilities"}
 PER_CLASS_KEYS = {"support", "precision", "recall", "specificity", "f1", "roc_auc"}
 
 
@@ -45,9 +49,9 @@ def test_metrics_file_agrees_with_training_and_predictions(run_dir, split):
     # Every number can be recomputed from predictions_<split>.csv.
     predictions = pd.read_csv(os.path.join(run_dir, f"predictions_{split}.csv"))
     classes = result["classes"]
-    y_true = predictions["label"].map(classes.index).to_numpy()
+    y_true = predictions["true_class"].map(classes.index).to_numpy()
     probabilities = predictions[[f"p_{metrics.metric_suffix(c)}" for c in classes]].to_numpy()
-    assert (predictions["predicted"] == [classes[i] for i in probabilities.argmax(axis=1)]).all()
+    assert (predictions["predicted_class"] == [classes[i] for i in probabilities.argmax(axis=1)]).all()
     matrix = metrics.confusion_matrix(y_true, probabilities.argmax(axis=1), len(classes))
     recomputed = metrics.classification_report(matrix, classes, y_true, probabilities)
     for name in classes:
@@ -66,7 +70,8 @@ def test_paper_metric_is_the_mean_of_history(run_dir):
 
 
 def test_figures_are_written_with_their_axes_and_lines(run_dir):
-    for name in ("confusion_matrix_val.png", "roc_val.png", "confusion_matrix_test.png", "roc_test.png"):
+    for name in ("confusion_matrix_val.png", "roc_val.png", "pr_val.png", "reliability_val.png",
+                 "confusion_matrix_test.png", "roc_test.png", "pr_test.png", "reliability_test.png"):
         path = os.path.join(run_dir, name)
         assert os.path.getsize(path) > 10_000, name
         with open(path, "rb") as handle:
@@ -76,7 +81,7 @@ def test_figures_are_written_with_their_axes_and_lines(run_dir):
     assert len(figure.axes) == 2  # the matrix and its colour bar
     predictions = pd.read_csv(os.path.join(run_dir, "predictions_test.csv"))
     classes = result["classes"]
-    curves = {c: metrics.roc_curve(predictions["label"] == c, predictions[f"p_{metrics.metric_suffix(c)}"])
+    curves = {c: metrics.roc_curve(predictions["true_class"] == c, predictions[f"p_{metrics.metric_suffix(c)}"])
               for c in classes}
     figure = plots.roc_figure(curves, result["per_class"], "t")
     assert len(figure.axes) == 1
@@ -104,7 +109,7 @@ def test_unreadable_images_are_all_named_before_any_prediction(run_dir, tiny_dat
     for path in test_paths[:2]:
         with open(path, "wb") as handle:
             handle.write(b"<html>not an image</html>")
-    with pytest.raises(data.DataError, match=r"2 image file\(s\) cannot be decoded") as error:
+    with pytest.raises(data.DataError, match=r"2 image file\(s\) cannot be used") as error:
         evaluate.evaluate_run(run_dir, "test", str(copy))
     assert all(path in str(error.value) for path in test_paths[:2])
 
@@ -136,3 +141,131 @@ def test_evaluates_on_the_real_validation_split(run_dir, tmp_path):
     assert os.path.getsize(copy / "roc_val.png") > 0
     with pytest.raises(ConfigError, match="^split='test': .*no test images"):
         evaluate.evaluate_run(str(copy), "test", coronahack)
+
+
+# A hand-made run around a tiny untrained (and over-confident) Keras model: calibration, operating
+# points, ensembles and external data on it cost seconds, not a training run.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dataset) -> str:
+    root = tmp_path_factory.mktemp("tiny_runs")
+    run = make_run(root, "tiny", 0, {}, flags={"data_dir": tiny_dataset, "val_fraction": "0.25"})
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, None), dtype="uint8", name="image")
+    x = models.XrayPreprocessing("torch")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x))
+    outputs = keras.layers.Dense(4, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 8))(x)
+    keras.Model(inputs, outputs).save(os.path.join(run, rundir.MODEL))
+    rundir.write_json(os.path.join(run, rundir.CLASSES), list(data.class_names_for("four_class")))
+    return run
+
+
+def _copy_run(run_dir: str, out) -> str:
+    return str(shutil.copytree(run_dir, out))
+
+
+def test_calibrate_and_operating_point_are_chosen_on_val_and_stored(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    model = models.load_model(os.path.join(run, rundir.MODEL))
+    export.export_saved_model(model, os.path.join(run, rundir.SAVED_MODEL))
+    point = "Bacteria:sensitivity=0.8"
+    val = evaluate.evaluate_run(run, "val", calibrate=True, operating_points=[point])
+    fitted = load(os.path.join(run, rundir.CALIBRATION))
+    assert fitted["nll"]["after"] < fitted["nll"]["before"] and fitted["temperature"] > 1  # over-confident model
+    # The run's SavedModel now serves the calibrated probabilities too.
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    serving = tf.saved_model.load(os.path.join(run, rundir.SAVED_MODEL)).signatures["serving_default"]
+    (served,) = serving(tf.constant(images)).values()
+    expected = calibration.apply_temperature(np.asarray(model.predict_on_batch(images)), fitted["temperature"])
+    assert fitted["saved_model"] and np.allclose(served.numpy(), expected, atol=1e-6)
+    assert val["probabilities"]["temperature"] == fitted["temperature"] and val["probabilities"]["calibrated"]
+    chosen = val["operating_points"][point]
+    assert chosen["rates"]["val"]["sensitivity"] >= 0.8 and "optimistic" in chosen["note"]
+    assert load(os.path.join(run, rundir.OPERATING_POINTS))[point]["threshold"] == chosen["threshold"]
+    predictions = pd.read_csv(os.path.join(run, "predictions_val.csv"))
+    classes = list(data.class_names_for("four_class"))
+    assert list(predictions.columns) == ["file", "true_class", "predicted_class",
+                                         *[f"p_{metrics.metric_suffix(c)}" for c in classes], "patient",
+                                         "flag_bacteria"]
+    assert (predictions["flag_bacteria"] == (predictions["p_bacteria"] >= chosen["threshold"])).all()
+    assert all(map(os.path.isfile, predictions["file"]))
+    assert os.path.getsize(os.path.join(run, "reliability_val.png")) > 10_000
+    assert os.path.getsize(os.path.join(run, "pr_val.png")) > 10_000
+
+    # On test: the stored temperature is applied, the same threshold (chosen on val) is measured there.
+    test = evaluate.evaluate_run(run, "test", operating_points=[point])
+    assert test["probabilities"]["temperature"] == fitted["temperature"]
+    assert test["operating_points"][point]["threshold"] == chosen["threshold"]
+    rates = test["operating_points"][point]["rates"]["test"]
+    assert rates["positives"] == test["per_class"]["Bacteria"]["support"] and rates["sensitivity_ci95"] is not None
+    uncalibrated = evaluate.evaluate_run(run, "test", calibrated=False)
+    assert uncalibrated["probabilities"]["temperature"] is None
+    assert uncalibrated["accuracy"] == test["accuracy"]  # a temperature never changes the predicted class
+    assert uncalibrated["calibration"]["nll"] != pytest.approx(test["calibration"]["nll"])
+    with pytest.raises(ConfigError, match="^operating_point='Bacteria:specificity=0.9': a second operating point"):
+        evaluate.evaluate_run(run, "test", operating_points=[point, "Bacteria:specificity=0.9"])
+
+
+def test_an_ensemble_of_two_copies_of_a_run_equals_the_run(tiny_run, tmp_path):
+    run_a, run_b = _copy_run(tiny_run, tmp_path / "a"), _copy_run(tiny_run, tmp_path / "b")
+    single = evaluate.evaluate_run(run_a, "test", tta="flip")
+    ensemble = evaluate.evaluate_run([run_a, run_b], "test", output_dir=str(tmp_path / "ensemble"), tta="flip")
+    assert ensemble["run_dir"] is None and ensemble["probabilities"]["ensemble_of"] == [run_a, run_b]
+    assert ensemble["confusion_matrix"] == single["confusion_matrix"]
+    assert ensemble["macro_roc_auc"] == pytest.approx(single["macro_roc_auc"])
+    assert set(ensemble["members"]) == {"a", "b"} and ensemble["members"]["b"]["accuracy"] == single["accuracy"]
+    ours = pd.read_csv(tmp_path / "ensemble" / "predictions_test.csv")
+    theirs = pd.read_csv(os.path.join(run_a, "predictions_test.csv"))
+    pd.testing.assert_frame_equal(ours, theirs, atol=1e-6)
+
+    with pytest.raises(ConfigError, match="^output_dir=None: several runs make an ensemble"):
+        evaluate.evaluate_run([run_a, run_b], "test")
+    with pytest.raises(ConfigError, match="is a run directory"):
+        evaluate.evaluate_run([run_a, run_b], "test", output_dir=run_a)
+    with open(os.path.join(run_b, rundir.FLAGS), "a") as handle:
+        handle.write("--seed=1\n")
+    with pytest.raises(ConfigError, match=r"^run_dir='.*b': its seed is 1 but .*a's is 0"):
+        evaluate.evaluate_run([run_a, run_b], "val", output_dir=str(tmp_path / "ensemble"))
+    with open(os.path.join(run_b, rundir.FLAGS), "a") as handle:
+        handle.write("--image_size=64\n")
+    with pytest.raises(ConfigError, match=r"^run_dir='.*b': its image_size is 64 but .*a's is 32"):
+        evaluate.evaluate_run([run_a, run_b], "test", output_dir=str(tmp_path / "ensemble"))
+
+
+def test_eval_data_reports_the_classes_it_lacks(tiny_run, tiny_dataset, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    folder = tmp_path / "hospital"
+    (folder / "images").mkdir(parents=True)
+    test = data.load_index(tiny_dataset).split("test")
+    rows = test[test["label"].isin(["Normal", "Bacteria"])]
+    for path in rows["path"]:
+        shutil.copy(path, folder / "images")
+    pd.DataFrame({"X_ray_image_name": rows["file"], "Label": rows["label"]}).to_csv(folder / "metadata.csv",
+                                                                                   index=False)
+    result = evaluate.evaluate_run(run, "eval", eval_data=str(folder))
+    assert result["split"] == "eval" and result["data_dir"] == str(folder) and result["num_images"] == len(rows)
+    assert result["absent_classes"] == ["Virus", "COVID-19"]
+    assert result["per_class"]["Virus"]["recall"] is None and result["per_class"]["Normal"]["recall"] is not None
+    assert sum(result["predicted_share"].values()) == pytest.approx(1.0)
+    assert os.path.isfile(os.path.join(run, "metrics_eval.json")) and os.path.isfile(os.path.join(run,
+                                                                                                 "reliability_eval.png"))
+    with pytest.raises(ConfigError, match="^split='test': split 'eval' is the whole --eval_data folder"):
+        evaluate.evaluate_run(run, "test", eval_data=str(folder))
+
+
+def test_command_line_ensemble_with_calibration_tta_and_an_operating_point(tiny_run, tmp_path):
+    run_a, run_b = _copy_run(tiny_run, tmp_path / "a"), _copy_run(tiny_run, tmp_path / "b")
+    out = tmp_path / "ensemble"
+    result = run_module("xray_tf", "evaluate", f"--run_dir={run_a}", f"--run_dir={run_b}", f"--output_dir={out}",
+                        "--split=val", "--calibrate", "--tta=flip", "--operating_point=Bacteria:sensitivity=0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Bacteria:sensitivity=0.8: threshold" in result.stdout and "member a: accuracy" in result.stdout
+    report = load(out / "metrics_val.json")
+    assert report["probabilities"]["tta"] == "flip" and len(report["probabilities"]["temperature"]) == 2
+    assert os.path.isfile(os.path.join(run_a, rundir.CALIBRATION)) and os.path.isfile(os.path.join(run_b,
+                                                                                                   rundir.CALIBRATION))
+    refused = run_module("xray_tf", "evaluate", f"--run_dir={run_a}", f"--eval_data={tmp_path}", "--split=val")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == ("xray-evaluate: error: --split=val: --eval_data is evaluated "
+                                                       "whole (as split eval); drop --split.")

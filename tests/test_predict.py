@@ -2,7 +2,9 @@
 
 The run directory is built here with the artifacts a training run writes (``model.keras``,
 ``saved_model/``, ``classes.json``) from an untrained 32 px ResNet50: the CLI must reproduce the
-model, whatever its quality, and training is tested in test_train_cli.
+model, whatever its quality, and training is tested in test_train_cli. Test-time augmentation,
+ensembles and operating-point flags use runs of tiny models (``tiny_runs``, made as in
+test_predictors, where loading models is tested).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import pandas as pd
 import pytest
 from conftest import run_module, shared_data
 from PIL import Image
+from test_predictors import CLASSES, IMAGE_SIZE, POINT, TEMPERATURE, tiny_run
 
-from xray_tf import decode, export, models, predict, rundir, synthetic
+from xray_tf import calibration, decode, export, inference, models, predict, predictors, rundir, synthetic
+from xray_tf.config import ConfigError
 
-IMAGE_SIZE = 32
-CLASSES = ["Normal", "Bacteria", "Virus", "COVID-19"]
-PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
+PROBABILITY_COLUMNS = ["p_normal", "p_bacteria", "p_virus", "p_covid_19"]  # metrics.metric_suffix of each
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +126,10 @@ def test_cli_reports_unreadable_files_and_exits_1(cli_run, bad_folder):
     assert (failed[["predicted_class", *PROBABILITY_COLUMNS]] == "").all(axis=None)
     assert "8 of 11 files predicted; 3 could not be read:" in result.stderr
     reasons = dict(zip(failed["file"], failed["error"]))
-    assert reasons[bad_folder[2][0]] == "Input is empty."
-    assert "Unknown image file format" in reasons[bad_folder[2][1]]
-    assert "JPEG" in reasons[bad_folder[2][2]]
+    # Training's words (decode.explain_failure), not TensorFlow's.
+    assert reasons[bad_folder[2][0]] == "empty file (0 bytes)"
+    assert reasons[bad_folder[2][1]] == "not an image but text starting 'this is not a PNG\\n'"
+    assert reasons[bad_folder[2][2]].startswith("JPEG file that does not decode (corrupt or truncated?)")
     for path, reason in reasons.items():
         assert f"  {path}: {reason}\n" in result.stderr
 
@@ -139,8 +142,8 @@ def test_cli_writes_one_overlay_per_readable_image(cli_run):
     assert sorted(glob.glob(os.path.join(cams, "*.png"))) == sorted(readable["gradcam"])
     assert os.path.basename(readable["gradcam"].iloc[0]) == "chest.png"  # named after the input file
     assert os.path.basename(readable["gradcam"].iloc[5]) == "chest-2.png"  # and unique
-    with Image.open(readable["gradcam"].iloc[0]) as overlay:
-        assert overlay.mode == "RGB" and overlay.size == (48, 48)
+    with Image.open(readable["gradcam"].iloc[0]) as overlay:  # labelled: a caption above, a colour bar beside
+        assert overlay.mode == "RGB" and overlay.size[0] > 48 and overlay.size[1] > 48
 
 
 @pytest.mark.slow
@@ -167,8 +170,8 @@ def test_cli_on_jax_predicts_like_tensorflow_and_keeps_its_compiled_programs(run
 
 
 @pytest.fixture(scope="module")
-def saved_model_predictor(run_dir) -> predict.Predictor:
-    return predict.load_predictor(os.path.join(run_dir[0], "saved_model"))
+def saved_model_predictor(run_dir) -> predictors.Predictor:
+    return predictors.load_predictor(os.path.join(run_dir[0], "saved_model"))
 
 
 def test_saved_model_alone_predicts_like_the_keras_model(saved_model_predictor, run_dir, image_tree):
@@ -187,30 +190,18 @@ def test_gradcam_with_a_bare_saved_model_is_refused(saved_model_predictor, image
 
 
 @pytest.fixture(scope="module")
-def keras_predictor(run_dir) -> predict.Predictor:
-    return predict.load_predictor(os.path.join(run_dir[0], "model.keras"))
-
-
-def test_a_keras_file_alone_loads_with_its_run_classes(keras_predictor):
-    assert keras_predictor.keras_model is not None and keras_predictor.class_names == CLASSES
-    assert keras_predictor.image_size == IMAGE_SIZE
+def keras_predictor(run_dir) -> predictors.Predictor:
+    return predictors.load_predictor(os.path.join(run_dir[0], "model.keras"))
 
 
 def test_gradcam_explains_the_class_asked_for(keras_predictor, bad_folder, tmp_path):
     results = predict.predict_files(keras_predictor, bad_folder[1], gradcam_dir=str(tmp_path), gradcam_class=3,
                                     overlay_size=40)
     assert [os.path.basename(result.gradcam) for result in results] == ["good.png", "good-2.png"]
+    with Image.open(results[0].gradcam) as overlay:  # gradcam.annotated_overlay: the 40 px picture and its labels
+        assert overlay.size[0] > 40 and overlay.size[1] > 40
     with pytest.raises(ValueError, match="gradcam_class=4 is no class index"):
         predict.predict_files(keras_predictor, bad_folder[1], gradcam_dir=str(tmp_path), gradcam_class=4)
-
-
-def test_model_paths_that_are_no_model_are_named(tmp_path):
-    with pytest.raises(ValueError, match="neither a run directory"):
-        predict.load_predictor(str(tmp_path))
-    fake = tmp_path / "fake.keras"
-    fake.write_text("not a zip")
-    with pytest.raises(ValueError, match=f"{fake} cannot be loaded as a Keras model"):
-        predict.load_predictor(str(fake))
 
 
 def test_missing_paths_and_empty_folders_are_errors(tmp_path):
@@ -228,3 +219,109 @@ def test_real_full_resolution_files(keras_predictor, run_dir):
     assert [result.error for result in results] == [None] * 40
     probabilities = np.stack([result.probabilities for result in results])
     np.testing.assert_allclose(probabilities, model_predict(run_dir[1], files), atol=2e-6)
+
+
+def test_csv_columns_use_the_metric_spelling_of_each_class():
+    """The spelling evaluate's predictions CSV shares: p_<metrics.metric_suffix(class)>, flag_<...> per operating
+    point; empty cells for a failure."""
+    predictions = [predict.Prediction("a.png", np.array([0.1, 0.2, 0.3, 0.4]), gradcam="cams/a.png"),
+                   predict.Prediction("b.png", error="is a FIFO (named pipe)"),
+                   predict.Prediction("c.png", np.array([0.7, 0.1, 0.1, 0.1]), gradcam="cams/c.png")]
+    lines = predict.to_csv(predictions, CLASSES, with_gradcam=True, thresholds={"COVID-19": 0.35}).splitlines()
+    assert lines == ["file,predicted_class," + ",".join(PROBABILITY_COLUMNS) + ",flag_covid_19,gradcam,error",
+                     "a.png,COVID-19,0.1,0.2,0.3,0.4,1,cams/a.png,", "b.png,,,,,,,,is a FIFO (named pipe)",
+                     "c.png,Normal,0.7,0.1,0.1,0.1,0,cams/c.png,"]
+    evaluated = inference.predictions_table(["a.png"], np.array([[0.1, 0.2, 0.3, 0.4]]), CLASSES, ["Virus"],
+                                            thresholds={"COVID-19": 0.35})
+    assert [column for column in evaluated.columns if column != "true_class"] == lines[0].split(",")[:-2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation, ensembles and operating points, on runs of tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, str]:
+    """Runs a and b (two models), and a run calibrated with TEMPERATURE."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    return {"a": tiny_run(root, "a", 0), "b": tiny_run(root, "b", 1),
+            "calibrated": tiny_run(root, "calibrated", 2, temperature=TEMPERATURE)}
+
+
+def _probabilities(predictor, files: list[str], **kwargs) -> np.ndarray:
+    return np.stack([result.probabilities for result in predict.predict_files(predictor, files, batch_size=3,
+                                                                              **kwargs)])
+
+
+@pytest.fixture(scope="module")
+def scans(image_tree, bad_folder) -> list[str]:
+    return image_tree[1] + bad_folder[1]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_runs, scans) -> np.ndarray:
+    """Run a's own probabilities of the scans."""
+    return _probabilities(predictors.load_predictor(tiny_runs["a"]), scans)
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members(tiny_runs, scans, plain):
+    a, b = predictors.load_predictor(tiny_runs["a"]), predictors.load_predictor(tiny_runs["b"])
+    other = _probabilities(b, scans)
+    assert np.abs(other - plain).max() > 1e-3 and np.ptp(plain, axis=0).max() > 1e-4
+    ensemble = predictors.load_ensemble([tiny_runs["a"], tiny_runs["b"]])
+    np.testing.assert_allclose(_probabilities(ensemble, scans), (plain + other) / 2, atol=1e-7)
+    np.testing.assert_allclose(_probabilities([a, a], scans), plain, atol=1e-7)  # two copies: that model
+
+
+def test_flip_on_a_flip_invariant_model_equals_no_tta(tiny_runs, scans, plain):
+    a = predictors.load_predictor(tiny_runs["a"])
+    np.testing.assert_allclose(_probabilities(a, scans, tta="flip"), plain, atol=1e-6)
+    # The rotated views' black corners enter the mean over pixels: flip_rotate does reach the model.
+    assert np.abs(_probabilities(a, scans, tta="flip_rotate") - plain).max() > 1e-5
+
+
+def test_a_runs_temperature_scales_the_predictions(tiny_runs, scans):
+    run = tiny_runs["calibrated"]
+    own = _probabilities(predictors.load_predictor(run, calibrated=False), scans)
+    np.testing.assert_allclose(_probabilities(predictors.load_predictor(run), scans),
+                               calibration.apply_temperature(own, TEMPERATURE), atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def stored_point(tiny_runs, scans) -> tuple[list[predict.Prediction], float]:
+    """The calibrated run's predictions with --tta=flip, and the threshold for POINT stored in it: their median
+    p_covid_19, so that some images are flagged and some not."""
+    results = predict.predict_files(predictors.load_predictor(tiny_runs["calibrated"]), scans, tta="flip")
+    threshold = float(np.median([result.probabilities[3] for result in results]))
+    calibration.write_operating_points(tiny_runs["calibrated"], {POINT: {
+        "class": "COVID-19", "threshold": threshold, "temperature": TEMPERATURE, "tta": "flip"}})
+    return results, threshold
+
+
+def test_an_operating_point_flags_the_images_at_or_above_its_stored_threshold(tiny_runs, scans, stored_point):
+    results, threshold = stored_point
+    covid = np.array([result.probabilities[3] for result in results])
+    thresholds = predictors.operating_thresholds([predictors.load_predictor(tiny_runs["calibrated"])], [POINT],
+                                                 "flip")
+    frame = pd.read_csv(io.StringIO(predict.to_csv(results, CLASSES, thresholds=thresholds)))
+    assert frame["flag_covid_19"].tolist() == (covid >= threshold).astype(int).tolist()
+    assert 0 < frame["flag_covid_19"].sum() < len(scans)
+
+
+def test_gradcam_of_an_ensemble_is_refused_before_anything_is_written(tiny_runs, scans, tmp_path):
+    a = predictors.load_predictor(tiny_runs["a"])
+    with pytest.raises(ConfigError, match="Grad-CAM explains one model, not an ensemble of 2"):
+        predict.predict_batches([a, a], scans, gradcam_dir=str(tmp_path / "cams"))
+    assert not os.path.exists(tmp_path / "cams")
+
+
+@pytest.mark.slow
+def test_cli_applies_the_temperature_tta_and_operating_point(tiny_runs, scans, stored_point):
+    (expected, threshold), run = stored_point, tiny_runs["calibrated"]
+    result = run_module("xray_tf", "predict", f"--model={run}", f"--operating_point={POINT}", "--tta=flip", *scans)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"probabilities with the run's temperature {TEMPERATURE:g}" in result.stderr
+    frame = pd.read_csv(io.StringIO(result.stdout)).set_index("file").loc[scans]
+    np.testing.assert_allclose(frame[PROBABILITY_COLUMNS].to_numpy(float),
+                               np.stack([r.probabilities for r in expected]), atol=2e-6)
+    assert frame["flag_covid_19"].tolist() == [int(r.probabilities[3] >= threshold) for r in expected]

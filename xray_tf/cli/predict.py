@@ -1,17 +1,24 @@
-"""``xray-predict --model=RUN PATH...``: classify X-ray files with a trained model, optionally with Grad-CAM.
+"""``xray-predict --model=RUN [--model=RUN2 ...] PATH...``: classify X-ray files with a trained model (or an
+ensemble), optionally with Grad-CAM.
 
 Examples::
 
     xray-predict --model=saved_models/demo scans/ > predictions.csv
     xray-predict --model=saved_models/demo/model.keras a.png b.jpeg --gradcam_dir=cams
+    xray-predict --model=RUN --operating_point=COVID-19:sensitivity=0.95 --tta=flip scans/
+    xray-predict --model=RUN_SEED0 --model=RUN_SEED1 scans/ --output=ensemble.csv
 
 A PATH is an image file or a folder searched recursively for images. A file that cannot be read
-is reported by name with the reason while every other file is still predicted; the exit status
-is 1 when any file failed, 0 otherwise.
+(a FIFO, a symlink loop, more pixels than --max_pixels, not an image...) is reported by name with
+the reason while every other file is still predicted; the exit status is 1 when any file failed,
+0 otherwise. The CSV is written batch by batch, so when writing fails (a full disk) the rows
+already written stay, and the program ends at once with one line naming what it could not write
+(exit status 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -21,16 +28,30 @@ from typing import TextIO
 from absl import app, flags
 
 from xray_tf import cli
-from xray_tf.config import COMPILATION_CACHE_AUTO, ConfigError
+from xray_tf.config import COMPILATION_CACHE_AUTO, DEFAULT_MAX_PIXELS, TTA_MODES, ConfigError
 
-flags.DEFINE_string("model", None, "Run directory of xray-train, SavedModel directory or .keras file.", required=True)
+flags.DEFINE_multi_string("model", None, "Run directory of xray-train, SavedModel directory or .keras file; several: "
+                          "predict with their ensemble (mean probabilities; same classes and image size).",
+                          required=True)
 flags.DEFINE_string("output", None, "CSV file to write; default: standard output.")
-flags.DEFINE_string("gradcam_dir", None, "Folder for Grad-CAM overlay PNGs, one per image (needs the Keras model: "
-                    "a run directory or .keras file).")
+flags.DEFINE_enum("tta", "none", list(TTA_MODES), "Test-time augmentation, averaged over the views: none; flip: the "
+                  "image and its mirror image; flip_rotate: those and the image rotated by +-10 degrees.")
+flags.DEFINE_bool("calibrated", True, "Apply the run's stored temperature (calibration.json of xray-evaluate "
+                  "--calibrate); false: the model's own probabilities (refused for a calibrated run's SavedModel, "
+                  "which has the temperature built in).")
+flags.DEFINE_multi_string("operating_point", [], "CLASS:sensitivity=0.95 or CLASS:specificity=0.9, as stored in the "
+                          "run by xray-evaluate --operating_point: adds a flag_<class> column, 1 where p_<class> is at "
+                          "least that threshold (one model only; same --tta and calibration as when it was chosen).")
+flags.DEFINE_string("gradcam_dir", None, "Folder for Grad-CAM overlay PNGs, one per image, captioned with the "
+                    "predicted class and its probability (needs one Keras model: a run directory or .keras file; "
+                    "refused for an ensemble, which no single heatmap explains).")
 flags.DEFINE_string("gradcam_class", None, "Class explained by Grad-CAM, by name or index; default: each image's "
                     "predicted class.")
 flags.DEFINE_integer("batch_size", 32, "Images per batch.", lower_bound=1)
 flags.DEFINE_integer("overlay_size", 512, "Side of the square Grad-CAM overlays, in pixels.", lower_bound=1)
+flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Refuse, by name and before decoding, any image whose header "
+                     "declares more pixels than this (a decoded 16-bit RGBA image costs 8 bytes a pixel).",
+                     lower_bound=1)
 flags.DEFINE_string("compilation_cache", COMPILATION_CACHE_AUTO, cli.COMPILATION_CACHE_HELP)
 FLAGS = flags.FLAGS
 
@@ -60,20 +81,35 @@ def run_command(argv: list[str]) -> None:
     if FLAGS.gradcam_class is not None and FLAGS.gradcam_dir is None:
         raise ConfigError("gradcam_class", FLAGS.gradcam_class, "needs --gradcam_dir, where the overlays go.")
     with cli.tensorflow_quietly():
-        from xray_tf import compile_cache, predict, rundir
+        from xray_tf import compile_cache, predict, predictors
+    predict.check_destinations(FLAGS.output, FLAGS.gradcam_dir)
     files = predict.find_images(argv[1:])
     compile_cache.enable(FLAGS.compilation_cache)
-    predictor = predict.load_predictor(FLAGS.model)
+    loaded = predictors.load_ensemble(FLAGS.model, FLAGS.calibrated)
+    class_names = loaded[0].class_names
+    thresholds = predictors.operating_thresholds(loaded, FLAGS.operating_point, FLAGS.tta)
     target = None
     if FLAGS.gradcam_class is not None:
-        target = predict.class_index(FLAGS.gradcam_class, predictor.class_names)
-    results = predict.predict_files(predictor, files, FLAGS.batch_size, FLAGS.gradcam_dir, target,
-                                    FLAGS.overlay_size, _progress_bar(sys.stderr))
-    text = predict.to_csv(results, predictor.class_names, with_gradcam=FLAGS.gradcam_dir is not None)
-    if FLAGS.output:
-        rundir.write_text(FLAGS.output, text)
-    else:
-        sys.stdout.write(text)
+        target = predict.class_index(FLAGS.gradcam_class, class_names)
+    for predictor in loaded:
+        if predictor.temperature is not None:
+            print(f"xray-predict: {predictor.name}: probabilities with the run's temperature "
+                  f"{predictor.temperature:.4g} (--calibrated=false: the model's own)", file=sys.stderr)
+    batches = predict.predict_batches(loaded, files, FLAGS.batch_size, FLAGS.gradcam_dir, target,
+                                      FLAGS.overlay_size, FLAGS.max_pixels, FLAGS.tta)  # checks before writing
+    name = FLAGS.output or "standard output"
+    with predict.writing(name, predict.CSV_FILE):
+        output = open(FLAGS.output, "w", newline="", encoding="utf-8") if FLAGS.output \
+            else contextlib.nullcontext(sys.stdout)
+    results, progress = [], _progress_bar(sys.stderr)
+    # Outside too: closing a file that failed to flush fails again, and must say the same.
+    with predict.writing(name, predict.CSV_FILE), output as stream:
+        writer = predict.PredictionWriter(stream, class_names, FLAGS.gradcam_dir is not None, name, thresholds)
+        for batch in batches:
+            writer.write(batch)
+            results += batch
+            if progress is not None:
+                progress(len(results), len(files))
     failed = [result for result in results if result.error]
     print(f"xray-predict: {len(results) - len(failed)} of {len(results)} files predicted"
           + (f"; {len(failed)} could not be read:" if failed else "."), file=sys.stderr)

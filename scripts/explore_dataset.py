@@ -1,10 +1,12 @@
 """``python scripts/explore_dataset.py --data_dir=... --out_dir=FIGURES``: the paper's Figures 1 and 2.
 
-* ``figure1_class_counts.png``: images per class in each split, and each split's class distribution.
-  The splits are those training uses: TRAIN less a stratified, seeded validation share, and TEST
-  where the data has one (the shared development copy withholds TEST).
+* ``figure1_class_counts.png``: images per class in each split (a log axis, so that COVID-19's few
+  images are a visible bar), and each split's class distribution; every bar is labelled. The splits
+  are those training uses: TRAIN less a stratified, seeded validation share, and TEST where the data
+  has one (the shared development copy withholds TEST).
 * ``figure2_samples_intensities.png``: two images of each class, and per class the distribution of
-  pixel intensities over up to --max_images_per_class images drawn (seeded) from all splits.
+  pixel intensities over up to --max_images_per_class images drawn (seeded) from all splits, less
+  the black border's darkest levels (``plots.BLACK_BORDER``), whose spike hid the differences.
 
 Images are decoded exactly as for training (grey, resized to --image_size), so the histograms show
 what the model is given.

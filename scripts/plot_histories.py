@@ -1,8 +1,10 @@
 """``python scripts/plot_histories.py RUN_DIR... --out=FIG.png``: training curves, the paper's Figures 4-6.
 
-Accuracy and loss against epoch for each run, train solid and validation dashed, one colour per run,
-named by its directory. It reads nothing but ``history.csv`` (epoch, loss, accuracy, val_loss,
-val_accuracy). A RUN_DIR may also be a folder of runs.
+Accuracy, balanced accuracy, loss and each class's recall against epoch for each run, train solid
+and validation dashed, one colour per run, named by its directory; a star marks the epoch whose
+model was kept, and runs trained with different losses get a loss axes each (``history_plots.history_figure``).
+It reads ``history.csv``, ``flags.txt`` (the loss) and ``metrics.json`` (the kept epoch) where
+present. A RUN_DIR may also be a folder of runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from xray_tf import plots, rundir
+from xray_tf import history_plots, plots, rundir
 
 _OUT = flags.DEFINE_string("out", None, "PNG file to write.", required=True)
 _TITLE = flags.DEFINE_string("title", None, "Figure title (default: none).")
@@ -23,13 +25,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("Give one or more run directories (or folders of runs).")
     try:
         run_dirs = rundir.find_runs(argv[1:])
-        histories = {os.path.basename(os.path.normpath(d)): rundir.read_history(d) for d in run_dirs}
-        if len(histories) < len(run_dirs):
+        named = {os.path.basename(os.path.normpath(d)): d for d in run_dirs}
+        if len(named) < len(run_dirs):
             raise ValueError("Two runs share a directory name; the legend could not tell them apart.")
-        plots.save(plots.history_figure(histories, _TITLE.value), _OUT.value)
+        plots.save(history_plots.run_histories_figure(named, _TITLE.value), _OUT.value)
     except (ValueError, OSError) as error:  # RunError is a ValueError
         sys.exit(f"plot_histories: error: {error}")
-    print(f"Wrote {_OUT.value} ({len(histories)} runs)")
+    print(f"Wrote {_OUT.value} ({len(named)} runs)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from conftest import REPO_ROOT
 from keras import ops
 
 from xray_tf import gradcam, models
+from xray_tf.config import ConfigError
 
 SIZE = 32
 PATCH = 4  # the toy backbone's stride: one feature cell per 4 x 4 pixels
@@ -126,3 +127,23 @@ def test_overlay_blends_the_heatmap_over_the_grey_image():
     hot, cold = picture[2, 20].astype(int), picture[-2, 20].astype(int)
     assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where 1, blue where 0
     assert hot[2] == cold[0] == 60  # where the colour has no share, 60 % of the X-ray shows
+
+
+def test_annotated_overlay_keeps_the_overlay_and_adds_a_caption_and_a_colour_bar():
+    grey = np.full((64, 64), 100, np.uint8)
+    heatmap = np.zeros((8, 8), np.float32)
+    heatmap[:4] = 1.0
+    plain = gradcam.overlay(grey, heatmap)
+    picture = gradcam.annotated_overlay(grey, heatmap, "COVID-19", 0.87)
+    band = picture.shape[0] - 64 - 5  # the caption above, a margin of half the 10 px font below
+    assert picture.dtype == np.uint8 and picture.shape[2] == 3 and band > 0 and picture.shape[1] > 64
+    np.testing.assert_array_equal(picture[band:band + 64, :64], plain)
+    assert picture[:band].min() < 100  # dark caption text on the white band
+    right = picture[band:band + 64, 64:].astype(int)
+    bar = right[:, np.argmax(right.std(axis=(0, 2)))]  # the column that changes colour most: the bar's
+    (top_red, _, top_blue), (bottom_red, _, bottom_blue) = bar[1], bar[-2]
+    assert top_red > top_blue and bottom_blue > bottom_red  # jet: 1 at the top of the bar, 0 at the bottom
+    with_explained = gradcam.annotated_overlay(grey, heatmap, "COVID-19", 0.87, explained="Normal")
+    assert with_explained.shape[0] > picture.shape[0]  # a second caption line
+    with pytest.raises(ConfigError, match="probability=1.5"):
+        gradcam.annotated_overlay(grey, heatmap, "COVID-19", 1.5)

@@ -1,6 +1,7 @@
 """The figures (``xray_tf.plots``): their axes, lines and legends, and classes without images.
 
-Figures written by real runs are checked in test_evaluate and test_scripts.
+Figures written by real runs are checked in test_evaluate and test_scripts; training curves in
+test_history_plots.
 """
 
 from __future__ import annotations
@@ -8,36 +9,46 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from fake_runs import make_run
+import pytest
 
-from xray_tf import metrics, plots, rundir
-
-
-def test_history_figure_has_two_axes_and_two_lines_per_run(tmp_path):
-    histories = {f"run{i}": rundir.read_history(make_run(tmp_path, f"run{i}", i, {"train": 0.5}, (0.3, 0.5, 0.6)))
-                 for i in range(3)}
-    figure = plots.history_figure(histories, "three runs")
-    assert len(figure.axes) == 2
-    for axes in figure.axes:
-        lines = axes.get_lines()
-        assert len(lines) == 6
-        assert [line.get_linestyle() for line in lines] == ["-", "--"] * 3  # train solid, validation dashed
-        assert len({line.get_color() for line in lines}) == 3  # one colour per run
-    labels = [text.get_text() for text in figure.legends[0].get_texts()]
-    assert labels == ["run0", "run1", "run2", "train", "validation"]
+from xray_tf import metrics, plots
 
 
-def test_dataset_figures_have_their_axes_and_lines():
-    counts = {"train": {"a": 10, "b": 5, "c": 1}, "val": {"a": 2, "b": 1, "c": 0}, "test": {"a": 0, "b": 0, "c": 0}}
+def test_pr_figure_draws_each_defined_curve_with_its_average_precision():
+    curves = {"a": metrics.precision_recall_curve([True, False, True], [0.9, 0.8, 0.1]), "b": None}
+    figure = plots.pr_figure(curves, "pr")
+    axes = figure.axes[0]
+    assert len(axes.get_lines()) == 1
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == [f"a (AP {curves['a'][2]:.3f})", "b: undefined"]
+    np.testing.assert_allclose(axes.get_lines()[0].get_xydata(), np.column_stack(curves["a"][:2]))
+
+
+def test_class_counts_figure_has_a_log_axis_and_labels_every_bar():
+    counts = {"train": {"a": 2000, "b": 50, "c": 5}, "val": {"a": 200, "b": 5, "c": 0},
+              "test": {"a": 0, "b": 0, "c": 0}}
     figure = plots.class_counts_figure(counts)
-    assert len(figure.axes) == 2
-    assert all(len(axes.patches) == 2 * 3 for axes in figure.axes)  # two splits with images, three classes
+    count_axes, share_axes = figure.axes
+    assert len(count_axes.patches) == len(share_axes.patches) == 2 * 3  # two splits with images, three classes
+    assert count_axes.get_yscale() == "log" and share_axes.get_yscale() == "linear"
+    assert count_axes.get_ylim()[0] < 1  # a bar of one image still shows
+    labels = [text.get_text() for text in count_axes.texts]
+    assert labels == ["2000", "50", "5", "200", "5", "0"]
+
+
+def test_intensity_histograms_leave_out_the_black_border():
     rng = np.random.default_rng(0)
     samples = {name: [rng.integers(0, 255, (16, 16), dtype=np.uint8) for _ in range(2)] for name in "abc"}
     histograms = {name: np.full(256, 1 / 256) for name in "abc"}
+    histograms["a"] = np.concatenate([[0.5], np.full(255, 0.5 / 255)])  # half the pixels black
     figure = plots.samples_and_intensities_figure(samples, histograms, dict.fromkeys("abc", 2))
     assert len(figure.axes) == 2 * 3 + 1
-    assert len(figure.axes[-1].get_lines()) == 3
+    lines = figure.axes[-1].get_lines()
+    assert len(lines) == 3
+    for line in lines:
+        assert line.get_xdata()[0] == plots.BLACK_BORDER
+        assert line.get_ydata().sum() == pytest.approx(100.0)  # shares of the pixels that are not border
+    assert "50.6% border" in figure.axes[-1].get_legend().get_texts()[0].get_text()
 
 
 def test_roc_figure_names_an_absent_class_without_a_curve():

@@ -23,7 +23,13 @@ import keras
 import matplotlib
 import numpy as np
 from keras import ops
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 from PIL import Image
+
+from xray_tf.config import ConfigError
 
 
 def split_at_backbone(model: keras.Model) -> tuple[keras.Model, list[keras.layers.Layer]]:
@@ -122,3 +128,51 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap:
     colours = matplotlib.colormaps[colormap](np.clip(resized, 0.0, 1.0))[..., :3]
     base = np.repeat(grey[..., None].astype(np.float32) / 255.0, 3, axis=-1)
     return np.round(255.0 * ((1.0 - alpha) * base + alpha * colours)).astype(np.uint8)
+
+
+_CAPTION_DPI = 100  # the canvas' pixels per inch: sizes below are in pixels
+
+
+def annotated_overlay(
+    grey: np.ndarray,
+    heatmap: np.ndarray,
+    predicted: str,
+    probability: float,
+    explained: str | None = None,
+    alpha: float = 0.4,
+    colormap: str = "jet",
+) -> np.ndarray:
+    """uint8 RGB: ``overlay`` under a caption (the predicted class and its probability) with a colour bar.
+
+    The overlay keeps its pixels and size, on the left; the caption band above it and the
+    colour bar right of it make the picture readable on its own, away from any table. ``explained``
+    names the class the heatmap explains where that is not the predicted one.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ConfigError("probability", probability, "must be between 0 and 1.")
+    picture = overlay(grey, heatmap, alpha, colormap)
+    height, width = grey.shape
+    font = max(10, width // 28)  # readable at 224 px, in proportion at 1024
+    lines = [f"Predicted {predicted} (p = {probability:.2f})"]
+    if explained is not None and explained != predicted:
+        lines.append(f"Heatmap of {explained}")
+    band, margin = int(1.5 * font * len(lines) + 0.5 * font), font // 2  # the margin: room for the bar's "0"
+    bar_left, bar_width = width + font // 2, max(6, width // 24)
+    caption_width = int(0.65 * font * max(len(line) for line in lines)) + font  # a generous width per character
+    total_width, total_height = max(bar_left + bar_width + 5 * font, caption_width), margin + height + band
+    figure = Figure(figsize=(total_width / _CAPTION_DPI, total_height / _CAPTION_DPI), dpi=_CAPTION_DPI,
+                    facecolor="white")
+    points = font * 72 / _CAPTION_DPI
+    image_box = (0, margin / total_height, width / total_width, height / total_height)
+    image_axes = figure.add_axes(image_box)
+    image_axes.imshow(picture, interpolation="nearest", aspect="auto")
+    image_axes.set_axis_off()
+    figure.text(font / 3 / total_width, 1 - font / 4 / total_height, "\n".join(lines), fontsize=points,
+                va="top", ha="left", linespacing=1.2)
+    bar_axes = figure.add_axes((bar_left / total_width, *image_box[1:2], bar_width / total_width, image_box[3]))
+    colour_bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormap), cax=bar_axes, ticks=[0.0, 0.5, 1.0])
+    colour_bar.ax.tick_params(labelsize=0.8 * points, length=2)
+    colour_bar.set_label("Grad-CAM", fontsize=0.8 * points, labelpad=1)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

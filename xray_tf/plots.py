@@ -8,15 +8,15 @@ can count axes and lines; ``save`` writes it at a resolution fit for print.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import StrMethodFormatter
 
 from xray_tf import rundir
 
@@ -33,23 +33,24 @@ STYLE = {
 }
 
 
-# Train and validation curves differ in line and marker, so a single epoch (a point) is still readable.
-_TRAIN_STYLE = {"linestyle": "-", "marker": "o", "markersize": 3}
-_VALIDATION_STYLE = {"linestyle": "--", "marker": "o", "markersize": 4, "markerfacecolor": "none"}
-
-
-def _colours(count: int) -> list:
+def distinct_colours(count: int) -> list:
     """Distinct colours: the 10 of ``tab10``, or evenly spaced ``viridis`` ones for more."""
     if count <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(count)]
     return [matplotlib.colormaps["viridis"](x) for x in np.linspace(0, 0.95, count)]
 
 
+def png_bytes(figure: Figure, dpi: int = DPI) -> bytes:
+    """``figure`` encoded as PNG, cropped to its content: for a file, or inline in a web page."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
 def save(figure: Figure, path: str) -> str:
-    """Write ``figure`` as PNG at ``DPI``, atomically (``rundir.write_atomic``); return ``path``."""
+    """Write ``figure`` as PNG at ``DPI``, atomically (``rundir.write_bytes``); return ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    rundir.write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=DPI, format="png",
-                                                               bbox_inches="tight"))
+    rundir.write_bytes(path, png_bytes(figure))
     return path
 
 
@@ -92,7 +93,7 @@ def roc_figure(
     defined curve plus the diagonal. A class without a curve (absent from the split, or the only
     class present) is named in the legend as undefined.
     """
-    colours = _colours(len(curves))
+    colours = distinct_colours(len(curves))
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(4.2, 4.0), layout="constrained")
         axes = figure.subplots()
@@ -109,56 +110,63 @@ def roc_figure(
         for name in undefined:  # a legend entry without a line on the axes
             handles.append(Line2D([], [], linestyle="none"))
             labels.append(f"{name}: undefined (n={per_class[name]['support']})")
-        axes.legend(handles, labels, loc="lower right", framealpha=0.9, edgecolor="none")
-        axes.set_xlim(-0.01, 1.01)
-        axes.set_ylim(-0.01, 1.01)
-        axes.set_aspect("equal")
-        axes.set_xlabel("False positive rate (1 − specificity)")
-        axes.set_ylabel("True positive rate (sensitivity)")
-        axes.set_title(title)
+        _unit_square(axes, handles, labels, "lower right", "False positive rate (1 − specificity)",
+                     "True positive rate (sensitivity)", title)
     return figure
 
 
-def history_figure(histories: Mapping[str, pd.DataFrame], title: str | None = None) -> Figure:
-    """Accuracy and loss against epoch: train solid, validation dashed, one colour per run.
+def pr_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float] | None], title: str) -> Figure:
+    """One-vs-rest precision-recall curve per class with its average precision (AP).
 
-    Two axes (accuracy, loss), each with two lines per run. ``histories`` maps the legend name of a
-    run to its ``history.csv`` (columns epoch, accuracy, val_accuracy, loss, val_loss).
+    ``curves`` maps class -> ``metrics.precision_recall_curve`` output ``(recall, precision, AP)``,
+    None when undefined. Beside the ROC it shows what a rare class's ROC hides: how many of the images
+    called that class are that class. One axes, one line per defined curve; a class without a curve
+    is named in the legend as undefined.
     """
-    colours = _colours(len(histories))
+    colours = distinct_colours(len(curves))
     with matplotlib.rc_context(STYLE):
-        figure = Figure(figsize=(7.0, 3.2), layout="constrained")
-        accuracy_axes, loss_axes = figure.subplots(1, 2)
-        for colour, history in zip(colours, histories.values()):
-            epochs = history["epoch"]
-            for axes, column, scale in ((accuracy_axes, "accuracy", 100), (loss_axes, "loss", 1)):
-                axes.plot(epochs, scale * history[column], color=colour, **_TRAIN_STYLE)
-                axes.plot(epochs, scale * history[f"val_{column}"], color=colour, **_VALIDATION_STYLE)
-        last_epoch = max(int(history["epoch"].max()) for history in histories.values()) if histories else 1
-        accuracy_axes.set_ylabel("Accuracy (%)")
-        loss_axes.set_ylabel("Loss (each run's own loss function)")
-        for axes in (accuracy_axes, loss_axes):
-            axes.set_xlabel("Epoch")
-            axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-            axes.set_xlim(0.5, last_epoch + 0.5)
-            axes.grid(alpha=0.3)
-        run_handles = [Line2D([], [], color=c, linewidth=2) for c in colours]
-        style_handles = [Line2D([], [], color="0.3", **_TRAIN_STYLE), Line2D([], [], color="0.3", **_VALIDATION_STYLE)]
-        figure.legend(run_handles + style_handles, [*histories, "train", "validation"],
-                      loc="outside right center", frameon=False)
-        if title:
-            figure.suptitle(title)
+        figure = Figure(figsize=(4.2, 4.0), layout="constrained")
+        axes = figure.subplots()
+        handles, labels = [], []
+        for colour, (name, curve) in zip(colours, curves.items()):
+            if curve is None:
+                handles.append(Line2D([], [], linestyle="none"))
+                labels.append(f"{name}: undefined")
+                continue
+            recall, precision, average_precision = curve
+            (line,) = axes.plot(recall, precision, color=colour, linewidth=1.6)
+            handles.append(line)
+            labels.append(f"{name} (AP {average_precision:.3f})")
+        _unit_square(axes, handles, labels, "lower left", "Recall (sensitivity)",
+                     "Precision (positive predictive value)", title)
     return figure
+
+
+def _unit_square(axes, handles: list, labels: list[str], legend_at: str, x_label: str, y_label: str,
+                 title: str) -> None:
+    """Legend, labels and the square [0, 1] axes that ROC and PR curves share."""
+    axes.legend(handles, labels, loc=legend_at, framealpha=0.9, edgecolor="none")
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_aspect("equal")
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title)
+
+
+_LOG_FLOOR = 0.7  # where a log axis of counts starts: a bar of 1 image still shows, an empty one is flat
 
 
 def class_counts_figure(counts: Mapping[str, Mapping[str, int]], title: str | None = None) -> Figure:
     """Figure 1: images per class in each split (left) and each split's class distribution (right).
 
-    Two axes of grouped bars; ``counts`` maps split -> class -> number of images.
+    Two axes of grouped bars, each bar labelled with its value; ``counts`` maps split -> class ->
+    number of images. The counts' axis is logarithmic, so that a class with 5 images (COVID-19 in
+    validation) is a visible bar beside one with 2,000; an empty class is a label "0" on the axis.
     """
     splits = [split for split, per_class in counts.items() if sum(per_class.values()) > 0]
     class_names = list(next(iter(counts.values())))
-    colours = _colours(len(splits))
+    colours = distinct_colours(len(splits))
     width = 0.8 / len(splits)
     positions = np.arange(len(class_names))
     with matplotlib.rc_context(STYLE):
@@ -168,21 +176,29 @@ def class_counts_figure(counts: Mapping[str, Mapping[str, int]], title: str | No
             values = np.array([counts[split][name] for name in class_names])
             offset = positions + (s - (len(splits) - 1) / 2) * width
             total = values.sum()
-            bars = count_axes.bar(offset, values, width, color=colour, label=f"{split} ({total} images)")
-            count_axes.bar_label(bars, fontsize=6, padding=2, rotation=90)
+            bars = count_axes.bar(offset, np.maximum(values, _LOG_FLOOR), width, color=colour,
+                                  label=f"{split} ({total} images)")
+            count_axes.bar_label(bars, [str(v) for v in values], fontsize=6, padding=2, rotation=90)
             share = share_axes.bar(offset, 100.0 * values / total, width, color=colour, label=split)
             share_axes.bar_label(share, fmt="%.1f", fontsize=6, padding=2, rotation=90)
-        for axes, label, panel in ((count_axes, "Images", "(a) Images per class"),
+        for axes, label, panel in ((count_axes, "Images (log scale)", "(a) Images per class"),
                                    (share_axes, "Share of the split (%)", "(b) Class distribution")):
             axes.set_xticks(positions, class_names)
             axes.set_xlabel("Class")
             axes.set_ylabel(label)
             axes.set_title(panel)
-            axes.margins(y=0.2)
             axes.legend(frameon=False)
+        count_axes.set_yscale("log")
+        highest = max((max(counts[split].values()) for split in splits), default=1)
+        count_axes.set_ylim(_LOG_FLOOR, highest * 40)  # room above the tallest bar for its label and the legend
+        count_axes.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        share_axes.margins(y=0.2)
         if title:
             figure.suptitle(title)
     return figure
+
+
+BLACK_BORDER = 4  # grey levels 0-3: 3-8 % of each CoronaHack class's pixels (40 images each), mostly borders
 
 
 def samples_and_intensities_figure(
@@ -195,11 +211,14 @@ def samples_and_intensities_figure(
 
     ``samples`` maps class -> grey uint8 images ``[H, W]`` (the same number for every class);
     ``histograms`` maps class -> the share of pixels at each of the 256 grey levels. Axes: one per
-    sample image plus the histogram axes, which has one line per class.
+    sample image plus the histogram axes, which has one line per class. The histograms leave out the
+    ``BLACK_BORDER`` darkest levels, the black borders around many scans: their spike would
+    dwarf the rest and press every class's curve into the same flat line. The legend gives each
+    class's share of such pixels, and the histograms are shares of the other pixels.
     """
     class_names = list(samples)
     rows = max(len(images) for images in samples.values())
-    colours = _colours(len(class_names))
+    colours = distinct_colours(len(class_names))
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(1.75 * len(class_names), 1.75 * rows + 2.6), layout="constrained")
         grid = figure.add_gridspec(rows + 1, len(class_names), height_ratios=[1.0] * rows + [1.4])
@@ -212,15 +231,52 @@ def samples_and_intensities_figure(
                 if r == 0:
                     axes.set_title(name, color=colours[c])
         histogram_axes = figure.add_subplot(grid[rows, :])
-        levels = np.arange(256)
+        levels = np.arange(BLACK_BORDER, 256)
         for colour, name in zip(colours, class_names):
-            histogram_axes.plot(levels, 100.0 * histograms[name], color=colour, linewidth=1.2,
-                                label=f"{name} ({images_per_class[name]} images)")
-        histogram_axes.set_xlim(0, 255)
-        histogram_axes.set_xlabel("Pixel intensity (grey level, 0-255)")
-        histogram_axes.set_ylabel("Share of pixels (%)")
+            shares = np.asarray(histograms[name], dtype=np.float64)
+            border = shares[:BLACK_BORDER].sum()
+            rest = shares[BLACK_BORDER:] / max(1.0 - border, 1e-12)
+            histogram_axes.plot(levels, 100.0 * rest, color=colour, linewidth=1.2,
+                                label=f"{name} ({images_per_class[name]} images; {100 * border:.1f}% border)")
+        histogram_axes.set_xlim(BLACK_BORDER, 255)
+        histogram_axes.set_xlabel(f"Pixel intensity (grey level; 0-{BLACK_BORDER - 1}, the black border, left out)")
+        histogram_axes.set_ylabel("Share of the other pixels (%)")
         histogram_axes.legend(frameon=False, ncols=2)
         histogram_axes.grid(alpha=0.3)
         if title:
             figure.suptitle(title)
+    return figure
+
+
+def reliability_figure(reliability: Mapping[str, Sequence], title: str) -> Figure:
+    """Reliability diagram: each confidence bin's accuracy against perfect calibration, and its image count.
+
+    ``reliability`` is ``calibration.reliability``'s result (``edges``, ``count``, ``confidence``,
+    ``accuracy`` per bin, None where empty, and ``ece``). Two axes: above, one bar per non-empty bin
+    at its accuracy, a marker at its mean confidence and the diagonal; below, the images per bin, so
+    a bin of three images is not read like one of three thousand.
+    """
+    edges = 100.0 * np.asarray(reliability["edges"], dtype=np.float64)
+    centres, widths = (edges[:-1] + edges[1:]) / 2.0, np.diff(edges)
+    filled = np.array([value is not None for value in reliability["accuracy"]])
+    accuracy = 100.0 * np.array([value for value in reliability["accuracy"] if value is not None], dtype=np.float64)
+    confidence = 100.0 * np.array([value for value in reliability["confidence"] if value is not None],
+                                  dtype=np.float64)
+    colour = distinct_colours(1)[0]
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.5, 4.2), layout="constrained")
+        accuracy_axes, count_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        accuracy_axes.bar(centres[filled], accuracy, widths[filled], color=colour, alpha=0.75, edgecolor="white",
+                          label="Accuracy of the bin")
+        accuracy_axes.plot(confidence, accuracy, linestyle="none", marker="o", markersize=3, color="black",
+                           label="Mean confidence of the bin")
+        accuracy_axes.plot([0, 100], [0, 100], color="0.5", linestyle=":", linewidth=1, label="Perfect calibration")
+        accuracy_axes.set_xlim(0, 100)
+        accuracy_axes.set_ylim(0, 100)
+        accuracy_axes.set_ylabel("Accuracy (%)")
+        accuracy_axes.legend(loc="upper left", frameon=False)
+        accuracy_axes.set_title(f"{title}\nECE {100 * reliability['ece']:.1f}% ({len(centres)} bins)")
+        count_axes.bar(centres, reliability["count"], widths, color="0.6", edgecolor="white")
+        count_axes.set_xlabel("Confidence: the predicted class's probability (%)")
+        count_axes.set_ylabel("Images")
     return figure

@@ -12,11 +12,13 @@ import errno
 import os
 import shutil
 
+import keras
 import pandas as pd
 import pytest
 from test_training import TINY, bacteria_train_images, metadata, train_cli
 
-from xray_tf import checkpoint, data, models, resources, rundir
+from xray_tf import checkpoint, data, models, resources, rundir, training
+from xray_tf.config import TrainConfig
 
 
 @pytest.fixture
@@ -113,6 +115,21 @@ def test_non_finite_numbers_are_refused_before_the_data_is_read(flag, tmp_path):
 # 6. OS errors name the path, at the moment they happen, and leave the run resumable
 
 
+class _StepsPerEpoch(keras.callbacks.Callback):
+    """How many training steps each epoch ran: a stopped epoch runs fewer."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: dict[int, int] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self.steps[self.epoch] = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps[self.epoch] += 1
+
+
 def test_a_failed_epoch_backup_stops_training_in_the_next_epoch(dataset, tmp_path, monkeypatch):
     written = checkpoint.write_backup
 
@@ -122,15 +139,16 @@ def test_a_failed_epoch_backup_stops_training_in_the_next_epoch(dataset, tmp_pat
         written(path, state)
 
     monkeypatch.setattr(checkpoint, "write_backup", full_disk_from_epoch_2)
-    status, message = train_cli(*TINY, f"--data_dir={dataset}", "--epochs=5", f"--output_dir={tmp_path / 'runs'}",
-                                "--run_name=full")
-    assert status == 1 and "Traceback" not in message
-    assert "The backup of epoch 2 failed, so training stopped: No space left on device" in message
-    assert "--resume continues" in message
-    run_dir = tmp_path / "runs" / "full"
-    history = pd.read_csv(run_dir / rundir.HISTORY)
-    assert history["epoch"].max() <= 3  # stopped in epoch 3, not after epoch 5
-    assert [checkpoint.backup_epoch(path) for path in checkpoint.backups(str(run_dir / rundir.BACKUP))] == [1]
+    config = TrainConfig.from_args([*TINY, f"--data_dir={dataset}", "--epochs=3", f"--output_dir={tmp_path / 'runs'}",
+                                    "--run_name=full", "--sampler=none"])
+    steps = _StepsPerEpoch()
+    with pytest.raises(rundir.RunError) as error:
+        training.run(config, verbose=0, callbacks=[steps])
+    assert str(error.value).startswith("The backup of epoch 2 failed, so training stopped: No space left on device.")
+    assert "--resume continues" in str(error.value)
+    assert steps.steps[3] < steps.steps[1]  # stopped within epoch 3, not at its end
+    backups = checkpoint.backups(str(tmp_path / "runs" / "full" / rundir.BACKUP))
+    assert [checkpoint.backup_epoch(path) for path in backups] == [1]  # resumable from epoch 1
 
 
 def test_write_errors_name_the_file_not_its_temporary(tmp_path):

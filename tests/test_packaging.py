@@ -70,6 +70,6 @@ def test_installed_commands_train_the_demo_and_predict_from_anywhere(installed, 
                           recursive=True))[:3]
     predicted = _run([os.path.join(installed, "xray-predict"), "--model=runs/demo", *images], cwd=str(work))
     rows = predicted.stdout.strip().splitlines()
-    assert rows[0].startswith("file,predicted_class,p_Normal") and len(rows) == 1 + len(images)
+    assert rows[0].startswith("file,predicted_class,p_normal") and len(rows) == 1 + len(images)
     listing = _run([os.path.join(installed, "python"), "-m", "xray_tf"], cwd=str(work))
     assert "xray-evaluate" in listing.stdout

@@ -58,7 +58,8 @@ def test_sweep_table_equals_the_runs_files(paper_results):
     assert row["train_avg_accuracy_over_epochs_mean"] == pytest.approx(history["accuracy"].mean())
     assert row["val_avg_accuracy_over_epochs_mean"] == pytest.approx(history["val_accuracy"].mean())
     markdown = open(os.path.join(paper_results, "table.md")).read()
-    assert f"| PRCE | 0 | {100 * training['train']['accuracy']:.1f} |" in markdown
+    low, high = (100 * bound for bound in training["train"]["ci95"]["accuracy"])
+    assert f"| PRCE | 0 | {100 * training['train']['accuracy']:.1f} [{low:.1f}, {high:.1f}] |" in markdown
 
 
 def test_sweep_writes_its_figures(paper_results):

@@ -20,10 +20,18 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 _WORKER_GROUPS = {"test_scripts": "paper_results", "test_evaluate": "paper_results"}
 
 
+# The groups of whole training runs, longest first: xdist hands out groups in collection order, so
+# starting these first keeps one of them from starting last and leaving the other worker idle.
+_LONGEST_FIRST = ("test_distribution", "test_train_cli", "test_training", "paper_results", "test_packaging")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (--dist loadgroup, setup.cfg)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    groups = {item: _WORKER_GROUPS.get(item.path.stem, item.path.stem) for item in items}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(_WORKER_GROUPS.get(item.path.stem, item.path.stem)))
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {group: position for position, group in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: files keep their own order
 
 
 def pytest_configure(config: pytest.Config) -> None:

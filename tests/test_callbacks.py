@@ -5,13 +5,15 @@ What a backup holds and how it is restored is in test_checkpoint.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 
 import keras
 import numpy as np
 import pytest
 
-from xray_tf import callbacks, rundir
+from xray_tf import callbacks, checkpoint, rundir
 
 
 def test_history_is_written_after_every_epoch_and_continued_on_resume(tmp_path):
@@ -60,3 +62,41 @@ def test_a_backup_that_cannot_be_written_fails_the_fit(tmp_path):
     with pytest.raises(rundir.RunError, match="^The backup of epoch 1 failed, so training stopped: Not a directory"):
         model.fit(np.zeros((4, 3)), np.zeros((4, 2)), epochs=2, verbose=0,
                   callbacks=[callbacks.EpochBackup(str(blocker / "backup"))])
+
+
+class _StepsPerEpoch(keras.callbacks.Callback):
+    """How many training steps each (1-based) epoch ran: a stopped epoch runs fewer."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: dict[int, int] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self.steps[self.epoch] = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps[self.epoch] += 1
+
+
+def test_a_failed_backup_stops_training_at_the_next_step_and_names_its_epoch(tmp_path, monkeypatch):
+    written = checkpoint.write_backup
+
+    def full_disk_from_epoch_2(path, state):
+        if checkpoint.backup_epoch(path) >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written(path, state)
+
+    monkeypatch.setattr(checkpoint, "write_backup", full_disk_from_epoch_2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    steps = _StepsPerEpoch()
+    with pytest.raises(rundir.RunError) as error:
+        model.fit(np.zeros((40, 3)), np.zeros((40, 2)), batch_size=4, epochs=5, verbose=0,
+                  callbacks=[steps, callbacks.EpochBackup(str(tmp_path))])
+    assert str(error.value) == ("The backup of epoch 2 failed, so training stopped: No space left on device. Once "
+                                "that is fixed, --resume continues after the last epoch backed up.")
+    # Stopped at the next step: in epoch 3, or before it began where the write failed at once (this
+    # fake disk fails before writing a byte); never after all of epoch 3.
+    assert steps.steps.get(3, 0) < steps.steps[1] == 10 and 4 not in steps.steps
+    assert [checkpoint.backup_epoch(path) for path in checkpoint.backups(str(tmp_path))] == [1]  # resumable

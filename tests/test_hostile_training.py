@@ -8,17 +8,14 @@ test_hostile_inputs, the converter's and the model files' in test_hostile_models
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 
-import keras
 import pandas as pd
 import pytest
 from test_training import TINY, bacteria_train_images, metadata, train_cli
 
-from xray_tf import checkpoint, data, models, resources, rundir, training
-from xray_tf.config import TrainConfig
+from xray_tf import data, models, resources, rundir
 
 
 @pytest.fixture
@@ -112,43 +109,8 @@ def test_non_finite_numbers_are_refused_before_the_data_is_read(flag, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. OS errors name the path, at the moment they happen, and leave the run resumable
-
-
-class _StepsPerEpoch(keras.callbacks.Callback):
-    """How many training steps each epoch ran: a stopped epoch runs fewer."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps: dict[int, int] = {}
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-        self.steps[self.epoch] = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps[self.epoch] += 1
-
-
-def test_a_failed_epoch_backup_stops_training_in_the_next_epoch(dataset, tmp_path, monkeypatch):
-    written = checkpoint.write_backup
-
-    def full_disk_from_epoch_2(path, state):
-        if checkpoint.backup_epoch(path) >= 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        written(path, state)
-
-    monkeypatch.setattr(checkpoint, "write_backup", full_disk_from_epoch_2)
-    config = TrainConfig.from_args([*TINY, f"--data_dir={dataset}", "--epochs=3", f"--output_dir={tmp_path / 'runs'}",
-                                    "--run_name=full", "--sampler=none"])
-    steps = _StepsPerEpoch()
-    with pytest.raises(rundir.RunError) as error:
-        training.run(config, verbose=0, callbacks=[steps])
-    assert str(error.value).startswith("The backup of epoch 2 failed, so training stopped: No space left on device.")
-    assert "--resume continues" in str(error.value)
-    assert steps.steps[3] < steps.steps[1]  # stopped within epoch 3, not at its end
-    backups = checkpoint.backups(str(tmp_path / "runs" / "full" / rundir.BACKUP))
-    assert [checkpoint.backup_epoch(path) for path in backups] == [1]  # resumable from epoch 1
+# 6. OS errors name the path, at the moment they happen, and leave the run resumable (a failed
+# epoch backup stopping training at the next step: test_callbacks)
 
 
 def test_write_errors_name_the_file_not_its_temporary(tmp_path):

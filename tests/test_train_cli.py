@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_module, shared_data
 
-from xray_tf import data, decode, models, rundir
+from xray_tf import data, decode, models, rundir, synthetic
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
@@ -43,6 +43,12 @@ def read_history(run_dir: str) -> list[dict]:
 def synthetic_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     """A 2-epoch CLI run with no --data_dir, i.e. on the default synthetic dataset."""
     root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        # A small stand-in where the trainer looks for its default dataset; generating the full one,
+        # ten times larger, is part of the demo that test_packaging runs.
+        patch.setenv("XRAY_TF_CACHE", str(root / "cache"))
+        synthetic.write_dataset(synthetic.default_dataset_dir(), num_train=48, num_test=16, seed=2, min_size=40,
+                                max_size=72)
     previous = os.umask(0o022)  # the usual one: files 0644, folders 0755 (test_run_files_follow_the_umask)
     try:
         result = run_module("xray_tf.train", *TINY_RUN, f"--output_dir={root / 'runs'}", "--run_name=tiny",

@@ -74,7 +74,7 @@ def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
         index = index.without(unreadable, _SKIPPED)
         problems += _split_problems(config, index)  # the splits, smaller now
     if len(problems) > 1:
-        raise data.DataError(f"{len(problems)} problems with the data; nothing was trained or written:\n"
+        raise data.DataError(f"{len(problems)} problems found; nothing was trained or written:\n"
                              + "\n".join(problems))
     if problems:
         raise data.DataError(problems[0])

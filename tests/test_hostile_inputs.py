@@ -314,28 +314,28 @@ def test_predict_reports_hostile_files_found_in_a_folder(runs, scans, culprit, w
 def test_predict_refuses_an_output_that_is_a_directory_before_writing_anything(runs, scans):
     out_dir = os.path.join(scans["root"], "out_dir")
     _ends_with_one_error(runs["output_is_a_directory"],
-                         f"xray-predict: error: cannot write {out_dir} (the predictions CSV): Is a directory")
+                         f"xray-predict: error: cannot write {out_dir} (the predictions CSV): Is a directory.")
     assert os.listdir(out_dir) == [] and not os.path.exists(os.path.join(scans["root"], "new_cams"))
 
 
 def test_predict_refuses_a_gradcam_dir_that_is_a_file_before_writing_anything(runs, scans):
     a_file = os.path.join(scans["root"], "a_file")
     _ends_with_one_error(runs["gradcam_dir_is_a_file"],
-                         f"xray-predict: error: cannot write {a_file} (the Grad-CAM folder): Not a directory")
+                         f"xray-predict: error: cannot write {a_file} (the Grad-CAM folder): Not a directory.")
     assert not os.path.exists(os.path.join(scans["root"], "cams.csv")) and open(a_file).read() == "not a folder"
 
 
 def test_predict_keeps_the_rows_written_before_the_disk_filled(runs, scans):
     full = os.path.join(scans["root"], "full.csv")
     _ends_with_one_error(runs["disk_fills"],
-                         f"xray-predict: error: cannot write {full} (the predictions CSV): No space left on device")
+                         f"xray-predict: error: cannot write {full} (the predictions CSV): No space left on device.")
     assert list(_rows(full)) == [scans["good"]]  # the header and the first batch, flushed before the disk filled
 
 
 def test_predict_names_an_output_it_may_not_write(runs, scans):
     denied = os.path.join(scans["root"], "denied.csv")
     _ends_with_one_error(runs["permission_denied"],
-                         f"xray-predict: error: cannot write {denied} (the predictions CSV): Permission denied")
+                         f"xray-predict: error: cannot write {denied} (the predictions CSV): Permission denied.")
     assert not os.path.exists(denied)
 
 

@@ -15,7 +15,6 @@ a long run loses none of them.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import errno
@@ -41,7 +40,7 @@ logger = logging.getLogger(__name__)
 # are skipped in folders: macOS' "._name.jpg" companions, for one, are not images.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _DECODE_THREADS = min(8, os.cpu_count() or 1)
-CSV_FILE = "the predictions CSV"  # what is being written, in the message of an OSError (``writing``)
+CSV_FILE = "the predictions CSV"  # what is being written, in the message of an OSError (``rundir.writing``)
 
 
 @dataclasses.dataclass
@@ -54,34 +53,14 @@ class Prediction:
     gradcam: str | None = None
 
 
-class WriteError(OSError):
-    """An OSError whose message names the file and what was being written into it."""
-
-
-@contextlib.contextmanager
-def writing(path: str, what: str) -> Iterator[None]:
-    """Turn an OSError raised inside into a ``WriteError`` that names ``path`` and ``what`` was being written.
-
-    Its message is the one line a user reads, e.g. ``cannot write out.csv (the predictions CSV):
-    No space left on device``, where the error alone would name a temporary file or nothing. A
-    ``WriteError`` from a ``writing`` inside goes through as it is.
-    """
-    try:
-        yield
-    except WriteError:
-        raise
-    except OSError as error:
-        raise WriteError(f"cannot write {path} ({what}): {error.strerror or error}") from error
-
-
 def check_destinations(output: str | None, gradcam_dir: str | None) -> None:
-    """Raise ``writing``'s OSError now, before any work, for an ``output`` that is a folder or a
+    """Raise ``rundir.writing``'s RunError now, before any work, for an ``output`` that is a folder or a
     ``gradcam_dir`` that is a file, so that nothing is written anywhere."""
     if output and os.path.isdir(output):
-        with writing(output, CSV_FILE):
+        with rundir.writing(output, CSV_FILE):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), output)
     if gradcam_dir and os.path.lexists(gradcam_dir) and not os.path.isdir(gradcam_dir):
-        with writing(gradcam_dir, "the Grad-CAM folder"):
+        with rundir.writing(gradcam_dir, "the Grad-CAM folder"):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), gradcam_dir)
 
 
@@ -158,8 +137,7 @@ def overlay_names(files: Sequence[str]) -> dict[str, str]:
 def _save_overlay(path: str, overlay: np.ndarray) -> None:
     png = io.BytesIO()
     Image.fromarray(overlay).save(png, format="PNG")
-    with writing(path, "a Grad-CAM overlay"):
-        rundir.write_bytes(path, png.getvalue())  # whole or not at all, even when the disk fills
+    rundir.write_bytes(path, png.getvalue())  # whole or not at all, even when the disk fills
 
 
 def _overlay(grey: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
@@ -189,7 +167,7 @@ def predict_batches(
     image itself (not its views), and draws over the image decoded at ``overlay_size`` px, captioned
     with the predicted class and its probability. A file that is refused (``image_headers.precheck``:
     not a regular file, more than ``max_pixels``) or does not decode gets its reason in ``error``. A
-    folder or overlay that cannot be written raises ``writing``'s OSError. The arguments are checked,
+    folder or overlay that cannot be written raises ``rundir.writing``'s RunError. The arguments are checked,
     and ``gradcam_dir`` is made, when this is called, before the first batch is asked for.
     """
     predictors = [predictor] if isinstance(predictor, Predictor) else list(predictor)
@@ -207,7 +185,7 @@ def predict_batches(
             raise ValueError("Grad-CAM needs the Keras model: a run directory or its model.keras, "
                              "not a bare SavedModel.")
         cam = gradcam.GradCam(first.keras_model)
-        with writing(gradcam_dir, "the Grad-CAM folder"):
+        with rundir.writing(gradcam_dir, "the Grad-CAM folder"):
             os.makedirs(gradcam_dir, exist_ok=True)
     return _batches(predictors, files, batch_size, tta, max_pixels, cam, gradcam_dir, gradcam_class, overlay_size)
 
@@ -254,7 +232,7 @@ class PredictionWriter:
     per class of ``thresholds`` (1 where ``p_<class>`` is at least its threshold), [gradcam,] error (empty
     when read). The columns and their values are ``inference.predictions_table``'s, as in ``xray-evaluate``.
     The header is written at once and each ``write`` is flushed, so that what was written survives a
-    later failure; ``name`` is the stream's name in ``writing``'s errors.
+    later failure; ``name`` is the stream's name in ``rundir.writing``'s errors.
     """
 
     def __init__(self, stream: TextIO, class_names: Sequence[str], with_gradcam: bool = False,
@@ -283,7 +261,7 @@ class PredictionWriter:
         self._write_rows(rows)
 
     def _write_rows(self, rows: list[list[str]]) -> None:
-        with writing(self.name, CSV_FILE):
+        with rundir.writing(self.name, CSV_FILE):
             self.writer.writerows(rows)
             self.stream.flush()
 

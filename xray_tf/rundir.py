@@ -13,12 +13,13 @@ directories without TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 
@@ -110,28 +111,40 @@ def _temporary_beside(path: str) -> str:
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp(\..*)?")  # the names _temporary_beside gives
 
 
+@contextlib.contextmanager
+def writing(path: str, what: str | None = None) -> Iterator[None]:
+    """Raise an OSError inside as one RunError line naming ``path`` and ``what`` is written there.
+
+    E.g. ``cannot write out.csv (the predictions CSV): No space left on device.``, where the error
+    alone would name a temporary file, or nothing. ``what`` defaults to what the run file is.
+    """
+    try:
+        yield
+    except OSError as error:
+        raise RunError(f"cannot write {path} ({what or _what(path)}): {error.strerror or error}.") from error
+
+
 def write_atomic(path: str, write: Callable[[str], None], directory: bool = False) -> None:
     """``write(temporary)`` beside ``path``, then rename it onto ``path``.
 
     With ``directory`` the temporary is an empty folder for ``write`` to fill (a SavedModel);
     otherwise ``write`` creates the temporary file itself. A failure removes the temporary and
     leaves ``path`` as it was; an OS error (a full disk, no permission, a folder where the file
-    goes) is raised as a RunError naming ``path``, not the temporary nobody knows of.
+    goes) is raised by ``writing``, naming ``path``, not the temporary nobody knows of.
     """
     temporary = _temporary_beside(path)
-    try:
-        if directory:
-            os.mkdir(temporary, 0o777)
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.isdir(temporary) and not os.path.islink(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif os.path.lexists(temporary):
-            os.remove(temporary)
-        if isinstance(error, OSError):
-            raise RunError(f"cannot write {path} ({_what(path)}): {error.strerror or error}.") from error
-        raise
+    with writing(path):
+        try:
+            if directory:
+                os.mkdir(temporary, 0o777)
+            write(temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.isdir(temporary) and not os.path.islink(temporary):
+                shutil.rmtree(temporary, ignore_errors=True)
+            elif os.path.lexists(temporary):
+                os.remove(temporary)
+            raise
 
 
 def remove_temporaries(folder: str) -> list[str]:

@@ -81,7 +81,7 @@ def run_command(argv: list[str]) -> None:
     if FLAGS.gradcam_class is not None and FLAGS.gradcam_dir is None:
         raise ConfigError("gradcam_class", FLAGS.gradcam_class, "needs --gradcam_dir, where the overlays go.")
     with cli.tensorflow_quietly():
-        from xray_tf import compile_cache, predict, predictors
+        from xray_tf import compile_cache, predict, predictors, rundir
     predict.check_destinations(FLAGS.output, FLAGS.gradcam_dir)
     files = predict.find_images(argv[1:])
     compile_cache.enable(FLAGS.compilation_cache)
@@ -98,12 +98,12 @@ def run_command(argv: list[str]) -> None:
     batches = predict.predict_batches(loaded, files, FLAGS.batch_size, FLAGS.gradcam_dir, target,
                                       FLAGS.overlay_size, FLAGS.max_pixels, FLAGS.tta)  # checks before writing
     name = FLAGS.output or "standard output"
-    with predict.writing(name, predict.CSV_FILE):
+    with rundir.writing(name, predict.CSV_FILE):
         output = open(FLAGS.output, "w", newline="", encoding="utf-8") if FLAGS.output \
             else contextlib.nullcontext(sys.stdout)
     results, progress = [], _progress_bar(sys.stderr)
     # Outside too: closing a file that failed to flush fails again, and must say the same.
-    with predict.writing(name, predict.CSV_FILE), output as stream:
+    with rundir.writing(name, predict.CSV_FILE), output as stream:
         writer = predict.PredictionWriter(stream, class_names, FLAGS.gradcam_dir is not None, name, thresholds)
         for batch in batches:
             writer.write(batch)

@@ -159,7 +159,7 @@ class TrainConfig:
         if self.max_pixels < 1:
             raise ConfigError("max_pixels", self.max_pixels, "must be positive.")
         if self.run_name is not None:
-            check_plain_name("run_name", self.run_name)
+            _check_plain_name("run_name", self.run_name)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction", self.val_fraction, "must be strictly between 0 and 1.")
         if not 0.0 <= self.rotation_prob <= 1.0:
@@ -279,10 +279,9 @@ def flag_values(args: Iterable[str], source: str) -> dict[str, str]:
     return values
 
 
-def check_plain_name(field: str, name: str) -> None:
+def _check_plain_name(field: str, name: str) -> None:
     """Raise ConfigError unless ``name`` is one plain file name, so that it stays inside its folder."""
-    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name) \
-            or "\0" in name:
+    if name in ("", ".", "..") or os.path.basename(name) != name or "\0" in name:  # basename: every separator
         raise ConfigError(field, name, "must be a plain name: no path separators, not '.' or '..'.")
 
 

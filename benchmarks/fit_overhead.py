@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from absl import app, flags
 
 from xray_tf import cli
+from xray_tf.backbones import MODELS  # standard library only: --help stays fast
 
 if TYPE_CHECKING:
     import keras
@@ -48,7 +49,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEEDS = ("resident", "pipeline", "resident")  # resident twice: drift shows as a difference
 
 flags.DEFINE_string("data_dir", os.path.join(REPO_ROOT, "..", "shared", "data", "coronahack"), "The CoronaHack folder.")
-flags.DEFINE_string("model", "resnet50", "The network a run trains: a key of xray_tf.models.NORMALIZATION_BY_MODEL.")
+flags.DEFINE_string("model", "resnet50", "The network a run trains: a name of xray_tf.backbones.BACKBONES.")
 flags.DEFINE_list("models", ["model", "tiny"], "Which of 'model' (--model) and 'tiny' to time.")
 flags.DEFINE_integer("image_size", 224, "Image side in pixels.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -115,7 +116,8 @@ def summarise_trace(profile_dir: str, top: int = 5) -> None:
             for event in thread_events:
                 totals[event["name"]] += event["dur"]
             longest = "; ".join(f"{name[:60]} ({duration / 1e3:.0f})" for name, duration in totals.most_common(top))
-        print(f"| {process} | {names.get((pid, tid), tid)} | {busy / 1e6:.2f} | {100 * busy / window:.0f} | {longest} |")
+        thread = names.get((pid, tid), tid)
+        print(f"| {process} | {thread} | {busy / 1e6:.2f} | {100 * busy / window:.0f} | {longest} |")
 
 
 def main(argv: list[str]) -> None:
@@ -127,8 +129,8 @@ def main(argv: list[str]) -> None:
     from benchmarks import timing
     from xray_tf import data, models, pipeline
 
-    if FLAGS.model not in models.NORMALIZATION_BY_MODEL:
-        raise app.UsageError(f"--model={FLAGS.model}: not one of {', '.join(sorted(models.NORMALIZATION_BY_MODEL))}")
+    if FLAGS.model not in MODELS:
+        raise app.UsageError(f"--model={FLAGS.model}: not one of {', '.join(MODELS)}")
     if FLAGS.profile_dir and keras.backend.backend() != "jax":
         raise app.UsageError("--profile_dir traces with jax.profiler: run with KERAS_BACKEND=jax")
 

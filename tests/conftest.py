@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from xray_tf import data, pipeline, synthetic
+from xray_tf.config import TrainConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
@@ -17,7 +20,8 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 # Test files that use a costly session fixture run on one xdist worker, which builds it once;
 # every other file is a group of its own, as under --dist loadfile.
-_WORKER_GROUPS = {"test_scripts": "paper_results", "test_evaluate": "paper_results"}
+_WORKER_GROUPS = {"test_scripts": "paper_results", "test_evaluate": "paper_results",
+                  "test_api": "lever_run", "test_levers": "lever_run"}
 
 
 # The groups of whole training runs, longest first: xdist hands out groups in collection order, so
@@ -92,8 +96,16 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     )
 
 
-# Tiny settings for the paper's experiments: ResNet50 from random weights, 32 px, 2 epochs.
-PAPER_TINY_FLAGS = ("--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2", "--lr_decay_epochs=1")
+def run_under_jax(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args...`` on the JAX backend, in tests/ so that ``code`` can import test modules."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=os.path.join(REPO_ROOT, "tests"),
+                          env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": REPO_ROOT},
+                          capture_output=True, text=True, timeout=300)
+
+
+# Tiny settings for the paper's experiments: the cheapest backbone from random weights, 32 px, 2 epochs.
+PAPER_TINY_FLAGS = ("--model=mobilenetv3small", "--weights=none", "--image_size=32", "--batch_size=16", "--epochs=2",
+                    "--lr_decay_epochs=1")
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +146,53 @@ def index(tiny_dataset) -> data.DataIndex:
     """The tiny dataset's index with a 20 % validation split."""
     return data.load_index(tiny_dataset, val_fraction=0.2)
 
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """A user's callback: each epoch's logs, the backbone's weights (BatchNorm statistics too) before
+    training and after each epoch, and all weights after each epoch and as validation used them."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[int] = []
+        self.logs: list[dict] = []
+        self.backbone: list[list[np.ndarray]] = []
+        self.validated: list[list[np.ndarray]] = []
+        self.trained: list[list[np.ndarray]] = []
+
+    def _weights(self, model: keras.Model) -> list[np.ndarray]:
+        return [ops.convert_to_numpy(weight) for weight in model.weights]  # frozen or not
+
+    def on_train_begin(self, logs=None):
+        if not self.backbone:  # the first of the fits (a frozen backbone's, then the rest)
+            self.backbone.append(self._weights(next(layer for layer in self.model.layers
+                                                    if isinstance(layer, keras.Model))))
+
+    def on_test_begin(self, logs=None):  # after the run's own callbacks: SwapEMAWeights has swapped
+        self.validated.append(self._weights(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(epoch)
+        self.logs.append(dict(logs or {}))
+        self.backbone.append(self._weights(next(layer for layer in self.model.layers
+                                                if isinstance(layer, keras.Model))))
+        self.trained.append(self._weights(self.model))
+
+
+# Levers of issue 22 for lever_run: each changes what the run does in a way its tests can see.
+LEVERS = dict(optimizer="sgd", momentum=0.9, learning_rate=0.01, schedule="cosine", warmup_epochs=1,
+              label_smoothing=0.1, ema_decay=0.5, freeze_backbone_epochs=1, backbone_lr_multiplier=0.5,
+              select_by="val_macro_f1", augment="strong", mixup_alpha=0.4)
+
+
+@pytest.fixture(scope="session")
+def lever_run(clean_dataset, tmp_path_factory) -> dict:
+    """One short run through the Python API (``xray_tf.train``) with ``LEVERS`` on, TensorBoard logs, and
+    a ``RunRecorder``: shared by test_api and test_levers. Returns ``result``, ``recorder``, ``config``."""
+    import xray_tf  # the API under test
+
+    config = TrainConfig(data_dir=clean_dataset, model="mobilenetv3small", weights="none", image_size=32,
+                         batch_size=8, val_fraction=0.3, epochs=3, tensorboard=True,
+                         output_dir=str(tmp_path_factory.mktemp("lever_run")), **LEVERS)
+    recorder = RunRecorder()
+    return {"result": xray_tf.train(config, callbacks=[recorder], verbose=0), "recorder": recorder, "config": config}

@@ -1,4 +1,5 @@
-"""The callbacks of a run: history.csv after every epoch, the non-finite stop, the background backup.
+"""The callbacks of a run: history.csv after every epoch, the non-finite stop, the background backup,
+the best epoch, early stopping and the time estimate.
 
 What a backup holds and how it is restored is in test_checkpoint.
 """
@@ -6,6 +7,7 @@ What a backup holds and how it is restored is in test_checkpoint.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 
@@ -100,3 +102,64 @@ def test_a_failed_backup_stops_training_at_the_next_step_and_names_its_epoch(tmp
     # fake disk fails before writing a byte); never after all of epoch 3.
     assert steps.steps.get(3, 0) < steps.steps[1] == 10 and 4 not in steps.steps
     assert [checkpoint.backup_epoch(path) for path in checkpoint.backups(str(tmp_path))] == [1]  # resumable
+
+
+def _epoch_ends(callback_list: list[keras.callbacks.Callback], values: list[float], name: str) -> list[int]:
+    """Feed ``{name: value}`` epoch ends to the callbacks in order; the epochs (1-based) after which none stopped."""
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.stop_training = False  # as fit sets it
+    for callback in callback_list:
+        callback.set_model(model)
+    ran = []
+    for epoch, value in enumerate(values):
+        for callback in callback_list:
+            callback.on_epoch_end(epoch, {name: value})
+        ran.append(epoch + 1)
+        if model.stop_training:
+            break
+    return ran
+
+
+@pytest.mark.parametrize("monitor, values, best_epoch", [
+    ("val_loss", [3.0, 1.0, 2.0, math.nan, 0.5], 5),  # the lowest loss; NaN never wins
+    ("val_balanced_accuracy", [0.3, 0.7, 0.7, math.nan, 0.6], 2),  # the highest metric; the first of a tie
+])
+def test_the_best_epoch_is_the_lowest_loss_or_the_highest_metric(monitor, values, best_epoch):
+    best = callbacks.BestEpoch(monitor)
+    _epoch_ends([best], values, monitor)
+    assert best.best_epoch == best_epoch and best.value == values[best_epoch - 1]
+
+
+def test_a_resumed_run_keeps_its_best_epoch_to_beat():
+    best = callbacks.BestEpoch("val_macro_f1", [{"epoch": 1, "val_macro_f1": 0.4}, {"epoch": 2, "val_macro_f1": 0.8}])
+    assert best.best_epoch == 2 and best.value == 0.8
+    _epoch_ends([best], [0.7], "val_macro_f1")
+    assert best.best_epoch == 2
+
+
+def test_early_stopping_counts_epochs_since_the_best_one():
+    best = callbacks.BestEpoch("val_accuracy")
+    stop = callbacks.EarlyStop(best, patience=2)
+    assert _epoch_ends([best, stop], [0.5, 0.6, 0.6, 0.55, 0.9], "val_accuracy") == [1, 2, 3, 4]
+    assert stop.stopped_after == 4 and best.best_epoch == 2
+    # Resumed after epoch 3 with the best epoch 2 restored: it stops after the same epoch.
+    kept_rows = [{"epoch": epoch, "val_accuracy": value} for epoch, value in [(1, 0.5), (2, 0.6), (3, 0.6)]]
+    best = callbacks.BestEpoch("val_accuracy", kept_rows)
+    stop = callbacks.EarlyStop(best, patience=2)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.stop_training = False
+    for callback in (best, stop):
+        callback.set_model(model)
+        callback.on_epoch_end(3, {"val_accuracy": 0.55})
+    assert stop.stopped_after == 4 and model.stop_training
+
+
+def test_the_estimate_comes_once_after_the_first_epoch(caplog):
+    estimate = callbacks.RunEstimate(last_epoch=5)
+    with caplog.at_level(logging.INFO, logger="xray_tf.callbacks"):
+        for epoch in range(2, 5):  # a resumed run: epochs 3 to 5
+            estimate.on_epoch_begin(epoch)
+            estimate.on_epoch_end(epoch)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("Epoch 3 took 0 s; the 2 remaining epoch(s) should take about 0 s (until about ")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from xray_tf import callbacks, checkpoint, data, models, pipeline, rundir, training
+from xray_tf import callbacks, checkpoint, data, models, optimizers, pipeline, rundir, training
+from xray_tf.config import TrainConfig
 
 
 def compiled_dense(units: int = 2, learning_rate: float = 0.1) -> keras.Model:
@@ -70,23 +71,26 @@ def test_the_best_epochs_backup_is_kept_and_becomes_the_model_file(policy, tmp_p
         model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
     model.optimizer.build(model.trainable_variables)
     backup_dir = str(tmp_path / "backup")
-    backup = callbacks.EpochBackup(backup_dir)
-    backup.set_model(model)
+    best = callbacks.BestEpoch("val_loss")
+    backup = callbacks.EpochBackup(backup_dir, best)
+    for callback in (best, backup):
+        callback.set_model(model)
     backup.on_train_begin()
     states = []
     for epoch, val_loss in enumerate([3.0, 1.0, 2.0, math.nan, 4.0]):
         model.layers[0].kernel.assign(np.full((3, 2), epoch, np.float32))
         model.optimizer.iterations.assign(10 * epoch)
         states.append([keras.ops.convert_to_numpy(v) for v in checkpoint.training_state(model)])
+        best.on_epoch_end(epoch, {"val_loss": val_loss})
         backup.on_epoch_end(epoch, {"val_loss": val_loss})
         backup._wait()
     backup.on_train_end()
-    assert backup.best_epoch == 2 and backup.best == 1.0
+    assert best.best_epoch == 2 and best.value == 1.0
     assert sorted(os.listdir(backup_dir)) == ["epoch-0002.npz", "epoch-0005.npz"]
     path = str(tmp_path / "model.keras")
-    best = checkpoint.write_best_model(keras.saving.serialize_keras_object(model), policy, backup_dir, 2, path)
-    assert len(best.optimizer.variables) == len(model.optimizer.variables)
-    for expected, variable in zip(states[1], checkpoint.training_state(best)):
+    kept = checkpoint.write_best_model(keras.saving.serialize_keras_object(model), policy, backup_dir, 2, path)
+    assert len(kept.optimizer.variables) == len(model.optimizer.variables)
+    for expected, variable in zip(states[1], checkpoint.training_state(kept)):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)
     with models.global_dtype_policy(policy):  # else Keras rebuilds a plain Adam and warns of its variables
         reloaded = models.load_model(path)
@@ -121,7 +125,8 @@ def test_interrupted_and_restored_training_ends_with_the_same_final_weights(clea
                                   keras.layers.Dense(4, activation="softmax")])
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
         assert checkpoint.restore_backup(model, backup_dir) == first
-        schedule = keras.callbacks.LearningRateScheduler(lambda epoch: training.step_decay(epoch, 1e-2, 0.5, 1))
+        rates = TrainConfig(learning_rate=1e-2, lr_decay_epochs=1)
+        schedule = keras.callbacks.LearningRateScheduler(lambda epoch: optimizers.learning_rate_at(epoch, rates))
         training.fit_epochs(model, datasets, first, stop, verbose=0,
                             callbacks=[schedule, callbacks.EpochBackup(backup_dir)])
         return model

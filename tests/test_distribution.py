@@ -22,7 +22,8 @@ from conftest import REPO_ROOT
 from xray_tf import config as config_lib
 from xray_tf import data, distribution, pipeline
 
-TINY_FLAGS = ("--weights=none", "--image_size=32", "--batch_size=8", "--epochs=1", "--rotation_prob=0.3")
+TINY_FLAGS = ("--model=mobilenetv3small", "--weights=none", "--image_size=32", "--batch_size=8", "--epochs=1",
+              "--rotation_prob=0.3")
 
 # Fits a small conv + BatchNorm model for 3 epochs through the project's pipeline and distribution
 # code, with the distribution and BatchNorm synchronisation of argv[2]; prints the per-epoch losses.

@@ -7,14 +7,10 @@ channel everywhere that the classifier ignores. Grad-CAM must follow the gradien
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import run_under_jax
 from keras import ops
 
 from xray_tf import gradcam, models
@@ -85,14 +81,7 @@ test_gradcam.test_default_class_is_the_predicted_one()
 
 
 def test_jax_backend_gives_the_same_localisation():
-    result = subprocess.run(
-        [sys.executable, "-c", JAX_CHECK],
-        cwd=os.path.join(REPO_ROOT, "tests"),
-        env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": REPO_ROOT},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_under_jax(JAX_CHECK)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -63,7 +63,7 @@ def test_memory_estimate_names_the_flag_and_the_estimate():
 
 def test_a_run_that_would_not_fit_in_memory_is_refused_before_decoding(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
-    refused([*TINY, f"--data_dir={dataset}"], tmp_path, "--batch_size=8: a training step of resnet50")
+    refused([*TINY, f"--data_dir={dataset}"], tmp_path, "--batch_size=8: a training step of mobilenetv3small")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +209,26 @@ def test_an_unreachable_imagenet_download_is_named_before_decoding(dataset, tmp_
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
     monkeypatch.setattr(models, "_host_answers", lambda host, port, timeout: False)
     message = refused([*TINY, "--weights=imagenet", f"--data_dir={dataset}"], tmp_path,
-                      "--weights=imagenet: Keras downloads resnet50's ImageNet weights", "--weights=none")
+                      "--weights=imagenet: Keras downloads mobilenetv3small's ImageNet weights", "--weights=none")
     assert message.count("\n") <= 2  # one paragraph, no traceback from Keras' downloader
     before_decoding = [r.message for r in caplog.records if "problem(s) found before decoding" in r.message]
     assert len(before_decoding) == 1 and "--weights=imagenet" in before_decoding[0]
+
+
+def test_tensorboard_without_its_package_is_refused_before_training(clean_dataset, tmp_path, monkeypatch):
+    from xray_tf import tensorboard_logs
+
+    monkeypatch.setattr(tensorboard_logs, "missing_package", lambda: "TensorBoard logs need the tensorboard package")
+    refused([*TINY, f"--data_dir={clean_dataset}", "--tensorboard"], tmp_path,
+            "--tensorboard=True: TensorBoard logs need the tensorboard package")
+
+
+@pytest.mark.parametrize("flag, problem", [
+    ("--optimizer=adamw", "--weight_decay=0.0: --optimizer=adamw needs a positive --weight_decay"),
+    ("--warmup_epochs=20", "--warmup_epochs=20: must be fewer than --epochs=20"),
+    ("--label_smoothing=1", "--label_smoothing=1.0: must be in [0, 1)"),
+    ("--crop_scale_min=1.5", "--crop_scale_min=1.5: a share of the image: at most 1"),
+    ("--select_by=val_recall", "--select_by=val_recall: value should be one of <val_loss|val_accuracy"),
+])
+def test_lever_settings_that_cannot_work_are_named(flag, problem, clean_dataset, tmp_path):
+    refused([*TINY, f"--data_dir={clean_dataset}", flag], tmp_path, problem)

@@ -1,4 +1,4 @@
-"""Focal loss, class weights and --focal_alpha parsing (the learning-rate schedule: test_training)."""
+"""Focal loss, label smoothing, class weights and --focal_alpha parsing (the schedules: test_optimizers)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,19 @@ def test_focal_alpha_flag_parsing():
 def test_unknown_loss_names_the_flag():
     with pytest.raises(ConfigError, match="^loss='hinge': not one of"):
         losses.build_loss("hinge", [1, 1])
+
+
+@pytest.mark.parametrize("name", ["ce", "focal"])
+def test_label_smoothing_costs_a_confident_correct_prediction_what_the_smoothed_targets_say(name):
+    """With s = 0.1 and 4 classes the targets are 0.925 and 0.025: a prediction of 0.97 / 0.01 then costs
+    -sum(t log p) (focal: each term weighted by alpha (1 - p)^gamma) instead of -log 0.97."""
+    y_true = np.array([[1.0, 0.0, 0.0, 0.0]])
+    y_pred = np.array([[0.97, 0.01, 0.01, 0.01]])
+    plain = float(losses.build_loss(name, [1, 1, 1, 1], focal_gamma=2.0, focal_alpha="0.25")(y_true, y_pred))
+    smoothed = float(losses.build_loss(name, [1, 1, 1, 1], focal_gamma=2.0, focal_alpha="0.25",
+                                       label_smoothing=0.1)(y_true, y_pred))
+    targets = 0.9 * y_true + 0.1 / 4
+    weights = 0.25 * (1 - y_pred) ** 2 if name == "focal" else np.ones_like(y_pred)
+    assert plain == pytest.approx(float(-(weights * y_true * np.log(y_pred)).sum()), rel=1e-5)
+    assert smoothed == pytest.approx(float(-(weights * targets * np.log(y_pred)).sum()), rel=1e-5)
+    assert smoothed > plain

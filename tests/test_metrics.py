@@ -261,3 +261,27 @@ def test_bad_bootstrap_arguments_are_refused():
         metrics.classification_report(MATRIX, CLASSES, y_true, probabilities, groups=["a", "b", "c"])
     with pytest.raises(ValueError, match="in the groups' order"):
         metrics.classification_report(MATRIX, CLASSES, groups=["a"] * 12)
+
+
+def test_the_epoch_metrics_of_a_split_are_those_of_the_report():
+    """Balanced accuracy and macro F1 as fit logs them (over batches) equal the NumPy report's on the same images."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 40)
+    probabilities = rng.dirichlet(np.ones(3), 40)
+    matrix = metrics.confusion_matrix(labels, probabilities.argmax(1), 3)
+    report = metrics.classification_report(matrix, ["a", "b", "c"], labels, probabilities, resamples=10)
+    logged = {}
+    for metric in metrics.epoch_metrics(["a", "b", "c"]):
+        for start in range(0, 40, 16):  # in batches, as fit feeds them
+            metric.update_state(np.eye(3)[labels[start:start + 16]], probabilities[start:start + 16])
+        logged[metric.name] = float(metric.result())
+    assert logged["balanced_accuracy"] == pytest.approx(report["balanced_accuracy"], abs=1e-6)
+    assert logged["macro_f1"] == pytest.approx(report["macro_f1"], abs=1e-6)
+    assert logged["macro_auc"] == pytest.approx(report["macro_roc_auc"], abs=0.01)  # 500 thresholds
+    assert logged["accuracy"] == pytest.approx(report["accuracy"])
+
+
+def test_balanced_accuracy_leaves_out_classes_absent_from_the_split():
+    metric = metrics.BalancedAccuracy(3)
+    metric.update_state(np.eye(3)[[0, 0, 1, 1]], np.eye(3)[[0, 1, 1, 1]])
+    assert float(metric.result()) == pytest.approx((0.5 + 1.0) / 2)

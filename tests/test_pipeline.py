@@ -1,7 +1,7 @@
 """The tf.data pipeline over decoded images: shapes, balanced sampling, augmentation and determinism.
 
-Decoding is in test_decode, the decode-once cache in test_image_cache, the devices' shares of the
-batches in test_distribution."""
+Decoding is in test_decode, the decode-once cache in test_image_cache, the augmentation functions in
+test_augment, the devices' shares of the batches in test_distribution."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ import tensorflow as tf
 from conftest import epoch, small_settings
 
 from xray_tf import decode, distribution, pipeline
+from xray_tf.config import ConfigError
+
+# The strong preset with MixUp and CutMix: every lever of augmentation pulled at once.
+STRONG = {"augment": "strong", "mixup_alpha": 0.4, "cutmix_alpha": 1.0}
 
 
 def test_shapes_dtypes_and_step_count(index):
@@ -63,56 +67,32 @@ def test_sampler_none_sees_each_training_image_once_per_epoch(index):
     assert np.bincount(labels, minlength=4).tolist() == list(index.class_counts("train").values())
 
 
-def test_same_seed_same_batches_other_seed_other_batches(index):
-    first, second = (epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=3))) for _ in range(2))
+@pytest.mark.parametrize("levers", [{}, STRONG], ids=["paper", "strong"])
+def test_same_seed_same_batches_other_seed_other_batches(index, levers):
+    first, second = (epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=3, **levers)))
+                     for _ in range(2))
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
-    other = epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=4)))
+    other = epoch(pipeline.build_datasets(index.frame, 4, small_settings(seed=4, **levers)))
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
 
 
-def test_augmentation_applies_to_training_batches_only(index):
+@pytest.mark.parametrize("levers", [{}, STRONG], ids=["paper", "strong"])
+def test_augmentation_applies_to_training_batches_only(index, levers):
     frame = index.frame
     unaugmented = small_settings(sampler="none", flip_prob=0.0, rotation_prob=0.0)
     reference = pipeline.build_datasets(frame, 4, unaugmented)
-    augmented = pipeline.build_datasets(frame, 4, small_settings(sampler="none", seed=unaugmented.seed))
+    augmented = pipeline.build_datasets(frame, 4, small_settings(sampler="none", seed=unaugmented.seed, **levers))
     # Same shuffle order, so any difference comes from augmentation.
-    changed = [not np.array_equal(a[0], b[0]) for a, b in zip(epoch(reference), epoch(augmented))]
+    batches = epoch(augmented)
+    changed = [not np.array_equal(a[0], b[0]) for a, b in zip(epoch(reference), batches)]
     assert sum(changed) >= len(changed) // 2
+    assert all(images.dtype == np.uint8 and images.shape == (8, 32, 32, 1) for images, _ in batches)
+    assert all(np.allclose(labels.sum(axis=1), 1) for _, labels in batches)
     for split in ("val", "test"):
         split_frame = frame[frame["split"] == split]
         expected = np.stack([decode.decode_image(tf.constant(p), 32).numpy() for p in split_frame["path"]])
         served = np.concatenate([images.numpy() for images, _ in augmented.evaluation[split]])
         assert np.array_equal(served, expected), split
-
-
-def test_flips_and_rotation_act_as_specified():
-    image = np.zeros((1, 9, 9, 1), np.uint8)
-    image[0, 1, 6, 0] = 200  # a bright pixel up and to the right
-    batch = tf.constant(image)
-    seed = tf.constant([1, 2], tf.int64)
-    always_h = small_settings(image_size=9, flip_prob=1.0, rotation_prob=0.0)
-    flipped = pipeline.augment_batch(batch, seed, always_h).numpy()
-    assert np.array_equal(flipped, image[:, ::-1, ::-1])  # both flips fire at p=1
-    quarter_turn = tf.constant([math.pi / 2])
-    transform = pipeline.rotation_transforms(quarter_turn, 9, 9)
-    rotated = tf.raw_ops.ImageProjectiveTransformV3(
-        images=batch, transforms=transform, output_shape=[9, 9], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT").numpy()
-    # A positive angle turns the picture counter-clockwise as displayed (rows down, columns right);
-    # cos(pi/2) is not exactly 0 in float32, hence one grey level of tolerance.
-    expected = np.rot90(image[0, :, :, 0], k=1).astype(int)
-    assert np.abs(rotated[0, :, :, 0].astype(int) - expected).max() <= 1
-
-
-def test_rotation_probability_and_range():
-    settings = small_settings(image_size=15, flip_prob=0.0, rotation_prob=0.3, rotation_degrees=15)
-    image = np.zeros((400, 15, 15, 1), np.uint8)
-    image[:, 7, 2:13] = 255  # a horizontal bar through the centre
-    out = pipeline.augment_batch(tf.constant(image), tf.constant([5, 0], tf.int64), settings).numpy()
-    rotated = np.array([not np.array_equal(o, i) for o, i in zip(out, image)])
-    assert 0.22 < rotated.mean() < 0.38  # 400 draws of p=0.3: sd 0.023
-    # At most 15 degrees, the bar's ends move by at most 5 * sin(15 deg) ~ 1.3 px: rows 5..9 only.
-    assert not out[rotated][:, :5].any() and not out[rotated][:, 10:].any()
 
 
 @pytest.mark.parametrize("sampler", ["balanced", "none"])
@@ -142,3 +122,10 @@ def test_no_training_rows_is_an_error():
     frame = pd.DataFrame({"path": ["x"], "label_index": [0], "split": ["val"]})
     with pytest.raises(ValueError, match="No training images"):
         pipeline.build_datasets(frame, 2, small_settings())
+
+
+def test_unknown_augmentation_is_an_error_when_built():
+    """Not later, when tf.data traces the augmentation and the error would come out as another type."""
+    frame = pd.DataFrame({"path": ["x"], "label_index": [0], "split": ["train"]})
+    with pytest.raises(ConfigError, match="augment"):
+        pipeline.build_datasets(frame, 2, small_settings(augment="wild"))

@@ -13,7 +13,7 @@ import sys
 from conftest import REPO_ROOT
 from fake_runs import make_run
 
-from xray_tf import models
+from xray_tf.backbones import BACKBONES
 
 
 def _closed_port() -> int:
@@ -30,7 +30,7 @@ def test_dry_run_lists_every_experiment_whose_imagenet_weights_cannot_be_had(tmp
         (flags_dir / f"{name}.cfg").write_text(flags)
     keras_home = tmp_path / "keras_home"
     (keras_home / "models").mkdir(parents=True)
-    (keras_home / "models" / os.path.basename(models.IMAGENET_WEIGHTS["densenet121"])).write_bytes(b"")  # cached
+    (keras_home / "models" / os.path.basename(BACKBONES["densenet121"].imagenet_weights)).write_bytes(b"")  # cached
     # Offline, deterministically and without any outside connection: every download goes to a proxy that refuses.
     env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
     env.update(KERAS_HOME=str(keras_home), https_proxy=f"http://127.0.0.1:{_closed_port()}")
@@ -47,4 +47,4 @@ def test_dry_run_lists_every_experiment_whose_imagenet_weights_cannot_be_had(tmp
     assert problems[0].startswith("res_imagenet_seed1: --weights=imagenet: ")
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in problems[0] and "--weights=none" in problems[0]
     assert os.listdir(results) == ["res_imagenet_seed0"] and os.listdir(keras_home / "models") == [
-        os.path.basename(models.IMAGENET_WEIGHTS["densenet121"])]  # nothing downloaded
+        os.path.basename(BACKBONES["densenet121"].imagenet_weights)]  # nothing downloaded

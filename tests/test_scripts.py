@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO_ROOT, shared_data
 from fake_runs import make_run
 
-from xray_tf import data, models, reports
+from xray_tf import data, reports
+from xray_tf.backbones import BACKBONES
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
@@ -116,8 +117,9 @@ def cached_imagenet(tmp_path, monkeypatch) -> None:
     ImageNet experiment needs no network; what it checks when they are missing is in test_run_paper."""
     cache = tmp_path / "keras_home" / "models"
     cache.mkdir(parents=True)
-    for path in models.IMAGENET_WEIGHTS.values():
-        (cache / os.path.basename(path)).write_bytes(b"")  # only their presence is checked
+    for entry in BACKBONES.values():
+        if entry.imagenet_weights:
+            (cache / os.path.basename(entry.imagenet_weights)).write_bytes(b"")  # only their presence is checked
     monkeypatch.setenv("KERAS_HOME", str(cache.parent))
 
 

@@ -28,13 +28,13 @@ import pytest
 from absl import flags
 from conftest import REPO_ROOT, run_module
 from image_files import BAD_IMAGES, SUPPORTED_IMAGES
-from keras import ops
 from PIL import Image
 
-from xray_tf import checkpoint, data, models, rundir, training
+from xray_tf import checkpoint, data, models, optimizers, rundir
 from xray_tf.cli import train as train_command
 
-TINY = ["--model=resnet50", "--weights=none", "--image_size=32", "--batch_size=8"]
+# The cheapest backbone: these tests are about the run, not the network.
+TINY = ["--model=mobilenetv3small", "--weights=none", "--image_size=32", "--batch_size=8"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,25 +303,26 @@ def test_a_diverging_run_stops_with_a_message_about_the_learning_rate(clean_data
     assert not os.path.exists(tmp_path / "nan" / rundir.BACKUP)  # the NaN epoch is not backed up
 
 
-def test_step_decay_halves_every_ten_epochs():
-    rates = {epoch: training.step_decay(epoch, 1e-3, 0.5, 10) for epoch in (0, 9, 10, 19, 20)}
-    assert rates[0] == rates[9] == pytest.approx(1e-3)
-    assert rates[10] == rates[19] == pytest.approx(5e-4)
-    assert rates[20] == pytest.approx(2.5e-4)
+def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(clean_dataset, tmp_path):
+    """A frozen backbone and a negligible rate leave the predictions, so the validation accuracy, as
+    they were: epoch 1 stays the best and patience 1 stops the run after epoch 2 of 4."""
+    status, message = train_cli(*TINY, f"--data_dir={clean_dataset}", f"--output_dir={tmp_path}", "--run_name=early",
+                                "--epochs=4", "--freeze_backbone_epochs=4", "--learning_rate=1e-12",
+                                "--select_by=val_accuracy", "--early_stopping_patience=1")
+    assert status == 0, message
+    run_dir = tmp_path / "early"
+    assert [row["epoch"] for row in read_rows(str(run_dir / "history.csv"))] == ["1", "2"]
+    selection = json.load(open(run_dir / "metrics.json"))["model_selection"]
+    assert selection["best_epoch"] == 1 and selection["stopped_early_after"] == 2
+    assert selection["epochs_run"] == 2
 
 
-def test_scheduler_sets_the_optimizer_rate():
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.compile(keras.optimizers.Adam(1e-3), "mse")
-    seen = []
-    record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: seen.append(float(ops.convert_to_numpy(model.optimizer.learning_rate))))
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: training.step_decay(epoch, 1e-3, 0.5, 2))
-    model.fit(np.ones((4, 1)), np.ones((4, 1)), epochs=5, verbose=0, callbacks=[schedule, record])
-    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
-
-
-RESUME_FLAGS = [*TINY, "--epochs=4", "--lr_decay_epochs=2", "--on_bad_image=skip"]
+# Every lever of issue 22 on: each keeps state or draws randomness that a resumed run must restore.
+EVERY_LEVER = ["--optimizer=adamw", "--weight_decay=0.01", "--schedule=cosine", "--warmup_epochs=1",
+               "--label_smoothing=0.1", "--ema_decay=0.9", "--freeze_backbone_epochs=3",
+               "--backbone_lr_multiplier=0.5", "--augment=strong", "--mixup_alpha=0.4", "--cutmix_alpha=0.4",
+               "--select_by=val_balanced_accuracy", "--early_stopping_patience=3"]
+RESUME_FLAGS = [*TINY, "--epochs=4", "--on_bad_image=skip", *EVERY_LEVER]
 TIMEOUT_S = 900
 
 
@@ -348,7 +349,8 @@ def _history_rows(run_dir: str) -> int:
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, clean_dataset) -> dict:
-    """An uninterrupted 4-epoch run and one SIGKILLed after epoch 2 and then resumed, same flags.
+    """An uninterrupted 4-epoch run and one SIGKILLed after epoch 2 and then resumed, same flags:
+    every lever on, the backbone frozen for 3 epochs (so the resumed run unfreezes it on its way).
 
     The dataset has two unreadable images and both runs use --on_bad_image=skip. The two runs
     start together (they share 2 cores; each is single-threaded for most of its start-up).
@@ -402,15 +404,18 @@ def test_skip_trains_on_the_rest_and_lists_what_was_skipped(resumed):
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_result(resumed):
     """Bit-identical on CPU: every epoch is the same batches (``Datasets.epochs``), the backup
-    holds weights and Adam's state, and the LR schedule is a function of the epoch. Tolerance:
-    1e-6 absolute on weights and metrics (observed: 0)."""
+    holds weights and the optimizer's state (the weight averages too), the LR schedule, the frozen
+    epochs and early stopping are functions of the epoch and the history. Tolerance: 1e-6 absolute
+    on weights and metrics (observed: 0)."""
     assert resumed["rows_at_kill"] in (2, 3)  # killed once epoch 2 was backed up (epoch 3 may be logged)
     assert "Resuming" in resumed["log"]
     assert f"--resume: removed {resumed['leftover']}, left by a write that was killed" in resumed["log"]
     reference = read_rows(os.path.join(resumed["reference"], "history.csv"))
     history = read_rows(os.path.join(resumed["resumed"], "history.csv"))
     assert [row["epoch"] for row in history] == ["1", "2", "3", "4"]
-    assert [float(row["learning_rate"]) for row in history] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    config = rundir.read_config(resumed["reference"])
+    assert [float(row["learning_rate"]) for row in history] == pytest.approx(
+        [optimizers.learning_rate_at(epoch, config) for epoch in range(4)])
     timing = {"epoch", "epoch_seconds", "train_images_per_second"}
     for mine, theirs in zip(history, reference):
         for key in set(theirs) - timing:

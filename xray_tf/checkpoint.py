@@ -20,7 +20,7 @@ import re
 import keras
 import numpy as np
 
-from xray_tf import models, rundir
+from xray_tf import models, optimizers, rundir
 
 
 def backup_path(backup_dir: str, epoch: int) -> str:
@@ -106,7 +106,8 @@ def write_best_model(model_config: dict, dtype_policy: str, backup_dir: str, bes
     ``dtype_policy`` is the global policy the model was built and compiled under: a model's config
     records its layers' policies, not that compiling under ``mixed_float16`` wrapped the optimizer
     in a ``LossScaleOptimizer``, whose variables the backup holds too. The rebuilt model lives on
-    one device, whatever distribution trained the original.
+    one device, whatever distribution trained the original. With ``--ema_decay`` the kept weights
+    are the averages the backup holds.
     """
     backup = backup_path(backup_dir, best_epoch)
     if not os.path.isfile(backup):
@@ -114,6 +115,7 @@ def write_best_model(model_config: dict, dtype_policy: str, backup_dir: str, bes
     with models.global_dtype_policy(dtype_policy):
         model = models.model_from_config(model_config)
     load_backup(model, backup)
+    optimizers.use_weight_averages(model)
     rundir.write_atomic(path, model.save)
     return model
 

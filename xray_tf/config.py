@@ -17,6 +17,8 @@ import math
 import os
 from collections.abc import Iterable
 
+from xray_tf.backbones import MODELS  # standard library only, as here
+
 # Each task maps a row's fine class onto one of the task's classes; rows whose fine class is not a
 # key are outside the task. The classes' order here is the order of the model's outputs.
 FINE_CLASSES = ("Normal", "Bacteria", "Virus", "COVID-19")
@@ -26,8 +28,12 @@ TASKS: dict[str, dict[str, str]] = {
     "normal_vs_pneumonia": {"Normal": "Normal", "Bacteria": "Pneumonia", "Virus": "Pneumonia",
                             "COVID-19": "Pneumonia"},
 }
-MODELS = ("resnet50", "densenet121", "densenet_chexnet")
 LOSSES = ("ce", "focal")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine")  # see xray_tf.optimizers
+AUGMENTATIONS = ("paper", "strong")  # see xray_tf.augment
+# What decides the kept epoch (and early stopping): the loss is minimised, the others maximised.
+SELECT_BY = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_macro_auc")
 SAMPLERS = ("balanced", "none")
 CLASS_WEIGHTS = ("balanced", "none")
 MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
@@ -37,7 +43,7 @@ DISTRIBUTIONS = ("none", "mirrored", "multi_worker")  # see xray_tf.distribution
 EVALUATION_SPLITS = ("test", "val")  # what xray-evaluate measures a kept model on
 TTA_MODES = ("none", "flip", "flip_rotate")  # test-time augmentation of evaluate and predict; see xray_tf.inference
 COMPILATION_CACHE_AUTO, COMPILATION_CACHE_OFF = "auto", "none"  # else a directory; see xray_tf.compile_cache
-MIN_IMAGE_SIZE = 32  # the smallest input Keras' ResNet50 and DenseNet121 accept
+MIN_IMAGE_SIZE = 32  # the smallest input every backbone of xray_tf.backbones accepts
 MAX_IMAGE_SIZE = 2048  # 4x CheXNet's largest published input; one such batch of 32 is 400 MB as float32
 DEFAULT_MAX_PIXELS = 100_000_000  # per image, as its header declares: 10000 x 10000, above any detector
 SPLIT_BY = ("patient", "image")  # how the validation split is drawn from TRAIN; see xray_tf.patients
@@ -100,8 +106,20 @@ class TrainConfig:
                                  CLASS_WEIGHTS)
     rotation_degrees: float = _setting(15.0, "Maximum random rotation, in degrees.")
     rotation_prob: float = _setting(0.3, "Probability that a training image is rotated.")
+    augment: str = _setting("paper", "paper: flips and rotation only (the paper's recipe). strong: also random resized "
+                            "crops, small translation, scale and shear, brightness, contrast and gamma jitter.",
+                            AUGMENTATIONS)
+    crop_scale_min: float = _setting(0.6, "--augment=strong: a random crop keeps between this share of the image's "
+                                     "area and all of it.")
+    crop_aspect_max: float = _setting(4 / 3, "--augment=strong: a random crop's aspect ratio lies between "
+                                      "1/crop_aspect_max and crop_aspect_max.")
+    mixup_alpha: float = _setting(0.0, "MixUp: each training batch is blended with itself in another order by a "
+                                  "weight drawn from Beta(alpha, alpha), labels too (0: off).")
+    cutmix_alpha: float = _setting(0.0, "CutMix: a box of each training image is pasted from another; labels are "
+                                   "mixed by the box's area, drawn from Beta(alpha, alpha) (0: off). With MixUp "
+                                   "too, each batch gets one of the two.")
     # Model
-    model: str = _setting("resnet50", "Backbone.", MODELS)
+    model: str = _setting("resnet50", "Backbone (see xray_tf.backbones).", MODELS)
     weights: str = _setting("imagenet", "imagenet (Keras download), none, or a Keras weights file for the backbone "
                             "without its top (or torchvision's DenseNet-121 .pth for --model=densenet121).")
     chexnet_weights: str | None = _setting(None, "Converted CheXNet weights for --model=densenet_chexnet "
@@ -112,10 +130,30 @@ class TrainConfig:
     focal_gamma: float = _setting(2.0, "Focal loss focusing parameter gamma.")
     focal_alpha: str = _setting("0.25", "Focal loss alpha: a number, 'balanced', or one comma-separated number "
                                 "per class.")
-    learning_rate: float = _setting(1e-3, "Initial Adam learning rate.")
-    lr_decay: float = _setting(0.5, "Factor applied to the learning rate every lr_decay_epochs.")
-    lr_decay_epochs: int = _setting(10, "Epochs between learning-rate decays.")
+    label_smoothing: float = _setting(0.0, "Targets become (1 - s) * one_hot + s / classes, for either loss.")
+    optimizer: str = _setting("adam", "adam, adamw (Adam with --weight_decay), or sgd (with --momentum).", OPTIMIZERS)
+    weight_decay: float = _setting(0.0, "Decoupled weight decay: each step shrinks every weight by "
+                                   "learning_rate * weight_decay (needed by --optimizer=adamw).")
+    momentum: float = _setting(0.9, "--optimizer=sgd: momentum.")
+    learning_rate: float = _setting(1e-3, "Initial learning rate.")
+    schedule: str = _setting("step", "step: multiply the rate by lr_decay every lr_decay_epochs. cosine: decay it "
+                             "along half a cosine from learning_rate to 0 over the epochs after warmup.", SCHEDULES)
+    lr_decay: float = _setting(0.5, "--schedule=step: factor applied to the learning rate every lr_decay_epochs.")
+    lr_decay_epochs: int = _setting(10, "--schedule=step: epochs between learning-rate decays.")
+    warmup_epochs: int = _setting(0, "Epochs whose learning rate rises linearly to learning_rate before the "
+                                  "schedule starts.")
+    backbone_lr_multiplier: float = _setting(1.0, "The backbone learns at this multiple of the learning rate (the "
+                                             "head at the full rate), e.g. 0.1 to fine-tune pretrained weights gently.")
+    freeze_backbone_epochs: int = _setting(0, "Train the head alone (backbone weights and BatchNorm statistics "
+                                           "frozen) for this many epochs, then everything.")
+    ema_decay: float = _setting(0.0, "Keep an exponential moving average of the weights with this decay per step "
+                                "(e.g. 0.999); validation, the kept model and evaluation use the average (0: off).")
     epochs: int = _setting(20, "Number of epochs.")
+    select_by: str = _setting("val_loss", "The validation metric whose best epoch becomes model.keras (balanced "
+                              "accuracy, macro F1 and macro ROC AUC are computed on the whole validation split "
+                              "every epoch).", SELECT_BY)
+    early_stopping_patience: int = _setting(0, "Stop after this many epochs without a better --select_by value "
+                                            "(0: run every epoch).")
     mixed_precision: str = _setting("auto", "auto: mixed_bfloat16 when a GPU is present, float32 otherwise.",
                                     MIXED_PRECISION)
     jit_compile: str = _setting("auto", "XLA compilation of the train step (auto: Keras decides; off on CPU-only "
@@ -138,6 +176,9 @@ class TrainConfig:
                                     "existing name gets a -2, -3 ... suffix, never overwritten.")
     resume: bool = _setting(False, "Continue the unfinished run --output_dir/--run_name after its last finished "
                             "epoch, with the settings it was started with (--flagfile=RUN/flags.txt --resume).")
+    tensorboard: bool = _setting(False, "Write TensorBoard logs (every epoch's metrics and learning rate, a few "
+                                 "augmented training images) under RUN/tensorboard; viewing them needs the "
+                                 "tensorboard package (pip install 'xray_tf[tensorboard]').")
     calibrate: bool = _setting(False, "After training, fit one softmax temperature on the validation split and "
                                "store it in the run; evaluate, predict and the SavedModel then apply it.")
 
@@ -149,9 +190,27 @@ class TrainConfig:
                 raise ConfigError(field.name, value, f"not one of {', '.join(choices)}.")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(field.name, value, "must be a finite number.")
-        for name in ("epochs", "batch_size", "learning_rate", "lr_decay_epochs", "lr_decay"):
+        for name in ("epochs", "batch_size", "learning_rate", "lr_decay_epochs", "lr_decay", "backbone_lr_multiplier",
+                     "crop_scale_min", "crop_aspect_max"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, getattr(self, name), "must be positive.")
+        for name in ("weight_decay", "warmup_epochs", "freeze_backbone_epochs", "early_stopping_patience",
+                     "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0.")
+        for name in ("label_smoothing", "ema_decay", "momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, getattr(self, name), "must be in [0, 1).")
+        if self.optimizer == "adamw" and self.weight_decay == 0:
+            raise ConfigError("weight_decay", self.weight_decay, "--optimizer=adamw needs a positive --weight_decay "
+                              "(without it AdamW is Adam).")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError("warmup_epochs", self.warmup_epochs, f"must be fewer than --epochs={self.epochs}.")
+        if self.crop_scale_min > 1:
+            raise ConfigError("crop_scale_min", self.crop_scale_min, "a share of the image: at most 1.")
+        if self.crop_aspect_max < 1:
+            raise ConfigError("crop_aspect_max", self.crop_aspect_max, "must be >= 1 (the range is its reciprocal "
+                              "to itself).")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError("image_size", self.image_size, f"below {MIN_IMAGE_SIZE}, the backbones' minimum.")
         if self.image_size > MAX_IMAGE_SIZE:

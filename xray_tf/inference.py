@@ -12,7 +12,7 @@ Test-time augmentation (``tta``), deterministic:
 * ``none``: the images as they are;
 * ``flip``: the images and their horizontal mirror images;
 * ``flip_rotate``: those two and the images rotated by +-``TTA_ROTATION_DEGREES``, bilinear with
-  black corners, exactly as training's augmentation rotates (``pipeline.rotation_transforms``).
+  black corners, exactly as training's augmentation rotates (``augment.rotation_transforms``).
 
 ``predictions_table`` names the predictions CSV's columns for both commands.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from xray_tf import calibration, pipeline
+from xray_tf import augment, calibration
 from xray_tf.config import TTA_MODES, ConfigError
 from xray_tf.metrics import metric_suffix
 
@@ -54,7 +54,7 @@ def _rotated(images: np.ndarray, degrees: float) -> np.ndarray:
     size_y, size_x = images.shape[1:3]
     angles = tf.fill([len(images)], np.float32(np.deg2rad(degrees)))
     turned = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.constant(images), transforms=pipeline.rotation_transforms(angles, size_y, size_x),
+        images=tf.constant(images), transforms=augment.rotation_transforms(angles, size_y, size_x),
         output_shape=[size_y, size_x], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
     return turned.numpy()
 

@@ -51,12 +51,17 @@ def build_loss(
     class_counts: Sequence[int],
     focal_gamma: float = 2.0,
     focal_alpha: str = "0.25",
+    label_smoothing: float = 0.0,
 ) -> keras.losses.Loss:
-    """The training loss for one-hot targets and softmax probabilities."""
+    """The training loss for one-hot (or MixUp-blended) targets and softmax probabilities.
+
+    ``label_smoothing`` s replaces the targets by ``(1 - s) * targets + s / k`` before either loss.
+    """
     if name == "ce":
-        return keras.losses.CategoricalCrossentropy(name="ce")
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, name="ce")
     if name == "focal":
         return keras.losses.CategoricalFocalCrossentropy(
-            alpha=parse_focal_alpha(focal_alpha, class_counts), gamma=focal_gamma, name="focal"
+            alpha=parse_focal_alpha(focal_alpha, class_counts), gamma=focal_gamma, label_smoothing=label_smoothing,
+            name="focal"
         )
     raise ConfigError("loss", name, f"not one of {', '.join(LOSSES)}.")

@@ -65,6 +65,50 @@ class ClassRecall(keras.metrics.Metric):
         return {**super().get_config(), "class_id": self.class_id}
 
 
+@keras.saving.register_keras_serializable(package="xray_tf")
+class BalancedAccuracy(keras.metrics.Metric):
+    """The mean over classes of each class's recall: accuracy as if every class were equally common.
+
+    Counted over every batch of an evaluation, so the validation value is that of the whole split;
+    classes absent from it are left out of the mean.
+    """
+
+    def __init__(self, num_classes: int, name: str = "balanced_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.hits = self.add_variable(shape=(num_classes,), initializer="zeros", name="hits")
+        self.positives = self.add_variable(shape=(num_classes,), initializer="zeros", name="positives")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        true = ops.one_hot(ops.argmax(y_true, axis=-1), self.num_classes)  # MixUp's blended targets: the larger
+        predicted = ops.one_hot(ops.argmax(y_pred, axis=-1), self.num_classes)
+        self.hits.assign_add(ops.sum(true * predicted, axis=0))
+        self.positives.assign_add(ops.sum(true, axis=0))
+
+    def result(self):
+        present = ops.cast(self.positives > 0, "float32")
+        recalls = ops.divide_no_nan(self.hits, self.positives)
+        return ops.divide_no_nan(ops.sum(recalls * present), ops.sum(present))
+
+    def reset_state(self):
+        self.hits.assign(ops.zeros((self.num_classes,)))
+        self.positives.assign(ops.zeros((self.num_classes,)))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def epoch_metrics(class_names: Sequence[str]) -> list[keras.metrics.Metric]:
+    """What ``fit`` logs every epoch for training and validation (``history.csv``), any of which
+    ``--select_by`` may choose from: accuracy, each class's recall, balanced accuracy, macro F1 and
+    macro ROC AUC (Keras' AUC per class over 500 thresholds, averaged)."""
+    return [keras.metrics.CategoricalAccuracy(name="accuracy"),
+            *(ClassRecall(i, name=f"recall_{metric_suffix(c)}") for i, c in enumerate(class_names)),
+            BalancedAccuracy(len(class_names)),
+            keras.metrics.F1Score(average="macro", name="macro_f1"),
+            keras.metrics.AUC(num_thresholds=500, multi_label=True, num_labels=len(class_names), name="macro_auc")]
+
+
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
     """``[k, k]`` counts; rows are true classes, columns predicted classes."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -21,44 +21,42 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import keras
 from keras import ops
 
-from xray_tf import metrics
+from xray_tf import metrics, optimizers
+from xray_tf.backbones import BACKBONES
 from xray_tf.config import MODELS, ConfigError
 from xray_tf.rundir import RunError
 
 # ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
-# DenseNet121 and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
+# the DenseNets and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
 # A grey image repeated to three channels is the same in RGB and BGR order, so only the
 # per-channel order of the constants matters.
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_RGB_MEAN = (0.485, 0.456, 0.406)
 _TORCH_RGB_STD = (0.229, 0.224, 0.225)
-
-NORMALIZATION_BY_MODEL = {
-    "resnet50": "caffe",
-    "densenet121": "torch",
-    "densenet_chexnet": "torch",
-}
+NORMALIZATION_MODES = ("caffe", "torch", "tf", "raw")
 
 
 @keras.saving.register_keras_serializable(package="xray_tf")
 class XrayPreprocessing(keras.layers.Layer):
     """uint8 grey or RGB pixels -> 3-channel float tensor normalised for an ImageNet backbone.
 
-    ``mode="caffe"`` reproduces ``keras.applications.resnet50.preprocess_input`` (BGR, mean
-    subtraction on 0-255); ``mode="torch"`` reproduces ``densenet.preprocess_input`` (RGB scaled
-    to [0, 1], ImageNet mean/std), both applied to the grey image repeated to 3 channels. The
-    channel count may be unknown until run time, so one SavedModel serves grey and RGB input.
+    Applied to the grey image repeated to 3 channels: ``mode="caffe"`` reproduces
+    ``keras.applications.resnet50.preprocess_input`` (BGR, mean subtraction on 0-255);
+    ``"torch"`` reproduces ``densenet.preprocess_input`` (RGB scaled to [0, 1], ImageNet mean/std);
+    ``"tf"`` reproduces ``resnet_v2.preprocess_input`` (``x / 127.5 - 1``, in [-1, 1]); ``"raw"``
+    passes floats on 0-255, for the applications that rescale them themselves. The channel count may
+    be unknown until run time, so one SavedModel serves grey and RGB input.
     """
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("caffe", "torch"):
-            raise ValueError(f"Unknown normalisation mode {mode!r}; expected 'caffe' or 'torch'.")
+        if mode not in NORMALIZATION_MODES:
+            raise ValueError(f"Unknown normalisation mode {mode!r}; expected one of {', '.join(NORMALIZATION_MODES)}.")
         self.mode = mode
 
     def call(self, images):
@@ -66,10 +64,13 @@ class XrayPreprocessing(keras.layers.Layer):
         x = ops.repeat(grey, 3, axis=-1)
         if self.mode == "caffe":
             x = x[..., ::-1] - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
-        else:
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "torch":
             mean = ops.convert_to_tensor(_TORCH_RGB_MEAN, "float32")
             std = ops.convert_to_tensor(_TORCH_RGB_STD, "float32")
             x = (x / 255.0 - mean) / std
+        # "raw": 0-255 as it is, which the application's own first layers rescale.
         return ops.cast(x, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -79,13 +80,9 @@ class XrayPreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-# What keras.applications downloads for weights="imagenet" without the top (keras/src/applications/resnet.py,
-# densenet.py): from _IMAGENET_ORIGIN + the path, into the Keras cache's models/ folder under the file's name.
+# Where keras.applications downloads weights="imagenet" from (each application's BASE_WEIGHTS_PATH): this
+# + the registry's imagenet_weights, into the Keras cache's models/ folder under the file's name.
 _IMAGENET_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
-IMAGENET_WEIGHTS = {
-    "resnet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "densenet121": "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-}
 _CONNECT_TIMEOUT_S = 5.0
 
 
@@ -148,9 +145,9 @@ def check_weights_available(model: str, weights: str) -> None:
     """
     if model not in MODELS:
         raise ConfigError("model", model, f"not one of {', '.join(MODELS)}.")
-    if weights != "imagenet" or model not in IMAGENET_WEIGHTS:
+    if weights != "imagenet" or BACKBONES[model].imagenet_weights is None:
         return
-    url = _IMAGENET_ORIGIN + IMAGENET_WEIGHTS[model]
+    url = _IMAGENET_ORIGIN + BACKBONES[model].imagenet_weights
     cached = os.path.join(_keras_cache_dir(), os.path.basename(url))
     if os.path.isfile(cached):
         return
@@ -182,8 +179,9 @@ def build_backbone(
     weights: str = "imagenet",
     chexnet_weights: str | None = None,
 ) -> keras.Model:
-    """Return the convolutional trunk (no head) taking normalised float images of 3 channels."""
-    input_shape = (image_size, image_size, 3)
+    """Return the convolutional trunk (no head) taking 3-channel float images normalised as its registry entry says."""
+    if model_name not in MODELS:
+        raise ConfigError("model", model_name, f"not one of {', '.join(MODELS)}.")
     if model_name == "densenet_chexnet":
         if not chexnet_weights:
             raise ConfigError("chexnet_weights", None, "model densenet_chexnet needs a converted CheXNet file.")
@@ -197,13 +195,13 @@ def build_backbone(
 
         return chexnet.densenet121_backbone_from_torch(weights, image_size)
 
-    constructors: dict[str, Callable[..., keras.Model]] = {
-        "resnet50": keras.applications.ResNet50,
-        "densenet121": keras.applications.DenseNet121,
-    }
-    if model_name not in constructors:
-        raise ConfigError("model", model_name, f"not one of {', '.join(MODELS)}.")
-    backbone = constructors[model_name](include_top=False, weights=_resolve_weights(weights), input_shape=input_shape)
+    entry = BACKBONES[model_name]
+    constructor = getattr(keras.applications, entry.constructor)
+    input_shape = (image_size, image_size, 3)
+    backbone = constructor(include_top=False, weights=_resolve_weights(weights), input_shape=input_shape)
+    if entry.batch_norm_momentum is not None:  # see xray_tf.backbones
+        for layer in _batch_norms(backbone):
+            layer.momentum = entry.batch_norm_momentum
     if weights not in ("imagenet", "none"):
         try:
             backbone.load_weights(weights)
@@ -226,7 +224,7 @@ def build_model(model_name: str, num_classes: int, image_size: int, weights: str
         raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
     backbone = build_backbone(model_name, image_size, weights, chexnet_weights)
     inputs = keras.Input((image_size, image_size, None), dtype="uint8", name="image")
-    x = XrayPreprocessing(NORMALIZATION_BY_MODEL[model_name], name="preprocessing")(inputs)
+    x = XrayPreprocessing(BACKBONES[model_name].normalization, name="preprocessing")(inputs)
     x = backbone(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout > 0:
@@ -236,7 +234,8 @@ def build_model(model_name: str, num_classes: int, image_size: int, weights: str
 
 
 # What a saved model names besides Keras' own classes: needed to rebuild it in any program.
-_CUSTOM_OBJECTS = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall}
+_CUSTOM_OBJECTS = {"xray_tf>XrayPreprocessing": XrayPreprocessing, "xray_tf>ClassRecall": metrics.ClassRecall,
+                   "xray_tf>BalancedAccuracy": metrics.BalancedAccuracy, **optimizers.CUSTOM_OBJECTS}
 # Where Keras' errors turn from the diagnosis to quoting configs and arrays or to advice for developers.
 _END_OF_DIAGNOSIS = re.compile(r"Full object config:|config=|Target variable:|Make sure custom classes")
 _MAX_REASON = 300  # characters of Keras' own explanation

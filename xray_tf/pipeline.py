@@ -2,11 +2,13 @@
 
 Per epoch the whole epoch's rows are drawn up front in NumPy from ``(seed, epoch)`` (class-balanced
 or a permutation); each batch is gathered from the uint8 images of the decode-once cache
-(``image_cache``) and augmented as a whole (flips, rotation) with stateless random ops seeded per
-batch. Every random choice of epoch ``e`` derives from ``(seed, e)`` alone and no step depends on
-thread timing, so two pipelines built with the same seed yield identical batches whatever the
-parallelism, and a run resumed at epoch ``e`` sees exactly the batches the uninterrupted run
-would have seen. Images stay uint8: the model's first layer converts them.
+(``image_cache``) and augmented as a whole with stateless random ops seeded per batch
+(``augment``: the preset's flips, rotation and more, then MixUp or CutMix when on); evaluation
+batches are the images as decoded. Every random choice of epoch ``e`` derives from ``(seed, e)``
+alone and no step depends on thread timing, so two pipelines built with the same seed yield
+identical batches whatever the parallelism, and a run resumed at epoch ``e`` sees exactly the
+batches the uninterrupted run would have seen. Images stay uint8: the model's first layer
+converts them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from xray_tf.augment import augment_batch, check_preset, mix_batch
 from xray_tf.decode import AUTOTUNE, decode_image, without_autotune_thread
 from xray_tf.image_cache import DecodedImages, decode_images
 
@@ -34,59 +37,12 @@ class PipelineSettings:
     flip_prob: float = 0.5
     rotation_prob: float = 0.3
     rotation_degrees: float = 15.0
+    augment: str = "paper"  # "paper" or "strong" (xray_tf.augment)
+    crop_scale_min: float = 0.6
+    crop_aspect_max: float = 4 / 3
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
     seed: int = 0
-
-
-def rotation_transforms(angles: tf.Tensor, height: int, width: int) -> tf.Tensor:
-    """Projective transforms ``[B, 8]`` rotating each image by ``angles`` (radians) about its centre.
-
-    A transform maps an output pixel (x, y) to the input location it samples from:
-    ``R (p - c) + c`` with c the image centre.
-    """
-    cos, sin = tf.cos(angles), tf.sin(angles)
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    zeros = tf.zeros_like(angles)
-    return tf.stack(
-        [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, zeros, zeros], axis=1
-    )
-
-
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, settings: PipelineSettings) -> tf.Tensor:
-    """Random horizontal/vertical flips and rotation of a uint8 batch, from a stateless ``seed``."""
-    batch = tf.shape(images)[0]
-    flip_h_seed, flip_v_seed, rotate_seed, angle_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 4)
-    )
-
-    def chosen(probability: float, op_seed: tf.Tensor) -> tf.Tensor:
-        return tf.random.stateless_uniform([batch], op_seed) < probability
-
-    # Flips work on [B, H, W]: reversing a trailing axis of size 1 is several times slower in TF.
-    # Horizontal: only the chosen images are reversed. Vertical: one gather of whole rows, in
-    # reverse order for the chosen images, instead of a reversed copy of the batch and a select.
-    grey = images[..., 0]
-    flip_h = tf.where(chosen(settings.flip_prob, flip_h_seed))
-    grey = tf.tensor_scatter_nd_update(grey, flip_h, tf.reverse(tf.gather_nd(grey, flip_h), axis=[2]))
-    height = tf.shape(grey)[1]
-    row_order = tf.where(chosen(settings.flip_prob, flip_v_seed)[:, None], tf.range(height - 1, -1, -1),
-                         tf.range(height))
-    images = tf.gather(grey, row_order, axis=1, batch_dims=1)[..., None]
-
-    # Only the images chosen for rotation are transformed: at p = 0.3 that is a third of the work of
-    # transforming the whole batch with angle 0 for the others.
-    max_radians = settings.rotation_degrees * math.pi / 180.0
-    angles = tf.random.stateless_uniform([batch], angle_seed, -max_radians, max_radians)
-    rotated = tf.where(chosen(settings.rotation_prob, rotate_seed))
-    size = settings.image_size
-    turned = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.gather_nd(images, rotated),
-        transforms=rotation_transforms(tf.gather_nd(angles, rotated), size, size),
-        output_shape=[size, size],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )
-    return tf.tensor_scatter_nd_update(images, rotated, turned)
 
 
 class _FrameImages:
@@ -208,12 +164,14 @@ def build_datasets(frame: pd.DataFrame, num_classes: int, settings: PipelineSett
             return np.resize(rng.permutation(train), draws)
     else:
         raise ValueError(f"--sampler={settings.sampler!r} is not one of balanced, none.")
+    check_preset(settings)
 
     def labelled(positions: tf.Tensor, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return pixels, tf.one_hot(tf.gather(labels, positions), num_classes)
 
     def augmented(positions: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return labelled(positions, augment_batch(images.take(positions), seed, settings))
+        pixels, one_hot = labelled(positions, augment_batch(images.take(positions), seed, settings))
+        return mix_batch(pixels, one_hot, seed, settings)
 
     def batches(rows: tf.data.Dataset) -> tf.data.Dataset:
         # Deterministic order: batch i of the output is always row i of the input.

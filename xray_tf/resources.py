@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import os
 
-# Bytes of activations (and their gradients) per input pixel per image in one training step:
-# ResNet50 keeps about 100 MB of float32 activations for a 224 px image, DenseNet121 about 150 MB,
-# and the backward pass holds as much again.
-_STEP_BYTES_PER_PIXEL = {"resnet50": 4_000, "densenet121": 6_000, "densenet_chexnet": 6_000}
+from xray_tf.backbones import BACKBONES
+
 _MODEL_BYTES = 1 << 30  # weights, gradients and Adam's two moments of a 25M-parameter model, with slack
 
 
@@ -53,7 +51,7 @@ def memory_problems(model: str, image_size: int, batch_size: int, cached_images:
         return []
     pixels = image_size * image_size
     cache = cached_images * pixels
-    step = batch_size * pixels * _STEP_BYTES_PER_PIXEL[model] + _MODEL_BYTES
+    step = batch_size * pixels * BACKBONES[model].step_bytes_per_pixel + _MODEL_BYTES
     problems = []
     if cache > available:
         problems.append(f"--cache=memory: {cached_images} images of {image_size} x {image_size} px need "

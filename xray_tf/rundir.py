@@ -14,17 +14,21 @@ directories without TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
+import io
 import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 
 import pandas as pd
 
 from xray_tf.config import TrainConfig
-from xray_tf.data import read_csv_checked
+from xray_tf.data import DataIndex, read_csv_checked
 
 FLAGS = "flags.txt"  # every setting, reusable as --flagfile
 CLASSES = "classes.json"  # class names in the order of the model's outputs
@@ -38,6 +42,7 @@ SPLITS_CSV = "splits.csv"  # path, class, split, patient group of every image: t
 CALIBRATION = "calibration.json"  # the softmax temperature fitted on val (--calibrate)
 OPERATING_POINTS = "operating_points.json"  # per-class thresholds chosen on val (--operating_point)
 REPORT = "report.html"  # xray-report's self-contained page
+TENSORBOARD = "tensorboard"  # --tensorboard: event files of the train/ and validation/ writers
 
 # What each file is, for the message of a write that fails; other files by their ending.
 _WHAT = {FLAGS: "the run's settings", CLASSES: "the class names", HISTORY: "the epoch history",
@@ -99,6 +104,44 @@ def create(output_dir: str, run_name: str) -> str:
         except FileExistsError:
             continue
     raise RunError(f"Too many runs named {run_name!r} in {output_dir}.")
+
+
+def start_run(config: TrainConfig, index: DataIndex, skipped: Mapping[str, str]) -> str:
+    """A new run directory holding the run's settings, class names, every image's split and the skipped files.
+
+    ``flags.txt`` names the directory actually created (``-2`` suffix included), so
+    ``--flagfile=RUN/flags.txt --resume`` finds it.
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = create(config.output_dir, config.run_name or f"{config.model}_{config.loss}_{config.task}_{stamp}")
+    own_config = dataclasses.replace(config, run_name=os.path.basename(run_dir))
+    write_text(os.path.join(run_dir, FLAGS), own_config.to_flagfile())
+    write_json(os.path.join(run_dir, CLASSES), list(index.class_names))
+    splits = index.frame[["path", "label", "split", "patient"]].rename(columns={"label": "class"})
+    write_text(os.path.join(run_dir, SPLITS_CSV), splits.to_csv(index=False))
+    if skipped:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "reason"])
+        writer.writerows(sorted(skipped.items()))
+        write_text(os.path.join(run_dir, SKIPPED_IMAGES), buffer.getvalue())
+    return run_dir
+
+
+def run_to_resume(config: TrainConfig) -> str:
+    """The run directory ``config.resume`` continues, once it is known that it can and should be continued."""
+    run_dir = os.path.join(config.output_dir, config.run_name)
+    flags_path = os.path.join(run_dir, FLAGS)
+    if not os.path.isfile(flags_path):
+        raise RunError(f"--resume: {run_dir} is not a run directory (no {FLAGS} there); nothing to resume.")
+    if is_finished(run_dir):
+        raise RunError(f"--resume: {run_dir} has finished (it has {METRICS}); start a new run instead.")
+    changed = read_config(run_dir).changed_settings(config)
+    if changed:
+        listing = "; ".join(f"--{name} was {started}, now {now}" for name, (started, now) in sorted(changed.items()))
+        raise RunError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "
+                       f"only with its own settings: --flagfile={flags_path} --resume")
+    return run_dir
 
 
 def _temporary_beside(path: str) -> str:

@@ -12,17 +12,13 @@ so a resumed run ends with the weights of an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import keras
 
@@ -39,17 +35,15 @@ from xray_tf import (
     losses,
     metrics,
     models,
+    optimizers,
     pipeline,
     preflight,
     rundir,
+    tensorboard_logs,
 )
-from xray_tf.config import TrainConfig
+from xray_tf.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
-
-def step_decay(epoch: int, initial_rate: float, factor: float, every: int) -> float:
-    """Learning rate for 0-based ``epoch``: ``initial_rate * factor ** (epoch // every)``."""
-    return initial_rate * factor ** (epoch // every)
 
 
 def run(config: TrainConfig, verbose: int | str = "auto",
@@ -59,7 +53,9 @@ def run(config: TrainConfig, verbose: int | str = "auto",
     With ``config.resume`` the run directory ``output_dir/run_name`` of an unfinished run is
     continued after its last backed-up epoch; otherwise a new directory is created. With
     ``distribution="multi_worker"`` only the chief worker writes that directory; the other workers
-    train their share and return None. ``callbacks`` are passed to ``fit`` after the run's own.
+    train their share and return None. ``callbacks`` are passed to ``fit`` after the run's own; with
+    ``freeze_backbone_epochs`` there are two fits (the frozen epochs, then the rest), so they see
+    ``on_train_begin`` and ``on_train_end`` twice.
     """
     config.validate()
     with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
@@ -87,8 +83,12 @@ class _Prepared:
 def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
     """Check everything that can fail before training, decode the data and build its datasets."""
     setup.check_batch_size(config.batch_size)
+    if config.tensorboard and (problem := tensorboard_logs.missing_package()):
+        raise ConfigError("tensorboard", True, problem)
     compilation_cache = compile_cache.enable(config.compilation_cache)  # before the first XLA compilation
-    resumed_dir = _run_to_resume(config) if config.resume else None  # before the long image check
+    resumed_dir = rundir.run_to_resume(config) if config.resume else None  # before the long image check
+    for path in rundir.remove_temporaries(resumed_dir) if resumed_dir else ():
+        logger.info("--resume: removed %s, left by a write that was killed", path)
     prepared = preflight.prepare_data(config)
     logger.info("%s", setup.describe(config.batch_size))
     learning_rate = config.learning_rate * (setup.replicas if config.scale_lr_with_batch else 1)
@@ -102,6 +102,11 @@ def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
         sampler=config.sampler,
         rotation_prob=config.rotation_prob,
         rotation_degrees=config.rotation_degrees,
+        augment=config.augment,
+        crop_scale_min=config.crop_scale_min,
+        crop_aspect_max=config.crop_aspect_max,
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
         seed=config.seed,
     )
     datasets = pipeline.build_datasets(prepared.index.frame, len(prepared.index.class_names), settings)
@@ -114,20 +119,28 @@ def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
 def _build(config: TrainConfig, prepared: _Prepared, setup: distribution.Setup) -> keras.Model:
     """The compiled model, its variables (optimizer's and metrics' too) in the distribution."""
     class_names = prepared.data.index.class_names
-    train_counts = list(prepared.data.index.class_counts("train").values())
     with models.global_dtype_policy(prepared.dtype_policy), setup.scope():
         keras.utils.set_random_seed(config.seed)
         model = models.build_model(config.model, len(class_names), config.image_size, config.weights,
                                    config.dropout, config.chexnet_weights)
-        model.compile(
-            optimizer=keras.optimizers.Adam(prepared.learning_rate),
-            loss=losses.build_loss(config.loss, train_counts, config.focal_gamma, config.focal_alpha),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")]
-            + [metrics.ClassRecall(i, name=f"recall_{metrics.metric_suffix(c)}") for i, c in enumerate(class_names)],
-            jit_compile=_jit_compile(config.jit_compile),
-        )
+        _compile(model, config, prepared, optimizers.build_optimizer(config, prepared.learning_rate))
+        # Every weight gets its optimizer state now: a frozen backbone joins the training later.
+        model.optimizer.build(model.trainable_variables)
         setup.prepare_model(model)
     return model
+
+
+def _compile(model: keras.Model, config: TrainConfig, prepared: _Prepared,
+             optimizer: keras.optimizers.Optimizer) -> None:
+    """Compile ``model`` for training: again after its trainable weights change, with the same optimizer."""
+    train_counts = list(prepared.data.index.class_counts("train").values())
+    model.compile(
+        optimizer=optimizer,
+        loss=losses.build_loss(config.loss, train_counts, config.focal_gamma, config.focal_alpha,
+                               config.label_smoothing),
+        metrics=metrics.epoch_metrics(prepared.data.index.class_names),
+        jit_compile=_jit_compile(config.jit_compile),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,54 +150,92 @@ class _Trained:
     run_dir: str
     initial_epoch: int
     best_epoch: int
+    best_value: float  # of config.select_by
     epochs_run: int
     model_config: dict  # the trained model, serialized: rebuilt on one device for the best epoch
     fit_seconds: float
+    stopped_early_after: int | None  # the epoch after which --early_stopping_patience stopped training
 
 
 def _fit(config: TrainConfig, prepared: _Prepared, model: keras.Model, setup: distribution.Setup,
          verbose: int | str, extra_callbacks: list[keras.callbacks.Callback]) -> _Trained | None:
     """Fit on every worker; the chief also writes the run directory. None on the other workers."""
-    run_dir = prepared.resumed_dir or (_create_run_dir(config, prepared.data) if setup.is_chief else None)
+    run_dir = prepared.resumed_dir
+    if run_dir is None and setup.is_chief:
+        run_dir = rundir.start_run(config, prepared.data.index, prepared.data.skipped)
+        logger.info("Run directory: %s", run_dir)
     backup_dir = os.path.join(run_dir, rundir.BACKUP) if run_dir else None
     with setup.scope():
         initial_epoch = checkpoint.restore_backup(model, backup_dir) if backup_dir else 0
     if prepared.resumed_dir:
         logger.info("Resuming %s after epoch %d of %d", run_dir, initial_epoch, config.epochs)
+    kept_rows = callbacks.HistoryCSV.resumed_rows(run_dir, initial_epoch) if run_dir else []
+    best = callbacks.BestEpoch(config.select_by, kept_rows)
+    early_stop = callbacks.EarlyStop(best, config.early_stopping_patience) if config.early_stopping_patience else None
     fit_callbacks = [
         keras.callbacks.LearningRateScheduler(
-            lambda epoch: step_decay(epoch, prepared.learning_rate, config.lr_decay, config.lr_decay_epochs)),
+            lambda epoch: optimizers.learning_rate_at(epoch, config, prepared.learning_rate)),
         callbacks.StopOnNonFiniteLoss(),  # before the callbacks that keep an epoch
+        *([keras.callbacks.SwapEMAWeights()] if config.ema_decay else []),  # validation sees the averages
+        best,
     ]
-    backup = None
     if setup.is_chief:  # the others write nothing
-        kept_rows = callbacks.HistoryCSV.resumed_rows(run_dir, initial_epoch)
-        finite = [(row["val_loss"], row["epoch"]) for row in kept_rows if math.isfinite(row.get("val_loss", math.nan))]
-        backup = callbacks.EpochBackup(backup_dir, *min(finite, default=(math.inf, None)))
-        fit_callbacks += [callbacks.HistoryCSV(run_dir, prepared.datasets.images_per_epoch, kept_rows),
-                          backup]  # last: an epoch is backed up only once its history row exists
+        fit_callbacks.append(callbacks.HistoryCSV(run_dir, prepared.datasets.images_per_epoch, kept_rows))
+        if config.tensorboard:  # the first batch it shows is the first one this run trains on
+            fit_callbacks.append(tensorboard_logs.TensorBoardLogs(
+                run_dir, prepared.datasets.epochs(initial_epoch, initial_epoch + 1), prepared.data.index.class_names))
+        fit_callbacks += [callbacks.EpochBackup(backup_dir, best),  # after the logs: a backup means a history row
+                          callbacks.RunEstimate(config.epochs)]
+    fit_callbacks += [early_stop] if early_stop else []  # last: the epoch is kept before training stops
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    start = time.perf_counter()
-    history = fit_epochs(model, prepared.datasets, initial_epoch, config.epochs, setup,
-                         validation_data=setup.evaluation_data(prepared.datasets, "val"),
-                         class_weight=_class_weight(config, prepared.data.index),
-                         callbacks=fit_callbacks + extra_callbacks, verbose=verbose if setup.is_chief else 0)
+    start, epochs_run = time.perf_counter(), initial_epoch
+    for first, stop, frozen in _phases(initial_epoch, config):
+        if _set_backbone_trainable(model, not frozen):  # Keras compiles the trainable weights into its step
+            with setup.scope():
+                _compile(model, config, prepared, model.optimizer)
+        history = fit_epochs(model, prepared.datasets, first, stop, setup,
+                             validation_data=setup.evaluation_data(prepared.datasets, "val"),
+                             class_weight=_class_weight(config, prepared.data.index),
+                             callbacks=fit_callbacks + extra_callbacks, verbose=verbose if setup.is_chief else 0)
+        epochs_run = history.epoch[-1] + 1 if history and history.epoch else epochs_run
+        if model.stop_training:
+            break
     fit_seconds = time.perf_counter() - start
-    epochs_run = history.epoch[-1] + 1 if history and history.epoch else initial_epoch
-    if model.stop_training:  # only StopOnNonFiniteLoss stops a fit early
+    if model.stop_training and not (early_stop and early_stop.stopped_after):
         raise FloatingPointError(
             f"Training stopped in epoch {epochs_run}: the loss became NaN or infinite. Lower --learning_rate "
             f"(it is {prepared.learning_rate:g}) or check the data."
             + (f" {run_dir} is left unfinished; its {rundir.HISTORY} shows the epochs before." if run_dir else ""))
+    if early_stop and early_stop.stopped_after:
+        logger.info("--early_stopping_patience=%d: stopped after epoch %d, %d epochs after the best %s (epoch %d).",
+                    early_stop.patience, early_stop.stopped_after, early_stop.patience, config.select_by,
+                    best.best_epoch)
     if not setup.is_chief:
         return None
-    if backup.best_epoch is None:
-        raise FloatingPointError(f"No epoch had a finite validation loss, so there is no model to keep. Lower "
+    if best.best_epoch is None:
+        raise FloatingPointError(f"No epoch had a finite {config.select_by}, so there is no model to keep. Lower "
                                  f"--learning_rate (it is {prepared.learning_rate:g}) or check the data.")
+    _set_backbone_trainable(model, True)  # the kept model is rebuilt whole, as it trains after any freeze
     with models.portable_batch_norm(model):  # rebuilt on one device
         model_config = keras.saving.serialize_keras_object(model)
-    return _Trained(run_dir, initial_epoch, backup.best_epoch, epochs_run, model_config, fit_seconds)
+    return _Trained(run_dir, initial_epoch, best.best_epoch, best.value, epochs_run, model_config, fit_seconds,
+                    early_stop.stopped_after if early_stop else None)
+
+
+def _phases(initial_epoch: int, config: TrainConfig) -> list[tuple[int, int, bool]]:
+    """``(first, stop, backbone frozen)`` epoch ranges still to train: the frozen ones, then the rest."""
+    freeze = min(config.freeze_backbone_epochs, config.epochs)
+    phases = [(initial_epoch, freeze, True), (max(initial_epoch, freeze), config.epochs, False)]
+    return [phase for phase in phases if phase[0] < phase[1]]
+
+
+def _set_backbone_trainable(model: keras.Model, trainable: bool) -> bool:
+    """Freeze or unfreeze the backbone (its BatchNorm layers then use their moving statistics); whether it changed."""
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    changed = backbone.trainable != trainable
+    backbone.trainable = trainable
+    return changed
 
 
 def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop: int,
@@ -244,8 +295,10 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
         "patients": {split: index.patient_count(split) for split in data.SPLITS},
         "split_by": config.split_by,
         "excluded_rows": index.excluded,
-        "model_selection": {"monitor": "val_loss", "best_epoch": trained.best_epoch,
-                            "epochs_run": trained.epochs_run},
+        "model_selection": {"monitor": config.select_by, "best_epoch": trained.best_epoch,
+                            "best_value": trained.best_value, "epochs_run": trained.epochs_run,
+                            "stopped_early_after": trained.stopped_early_after,
+                            "weight_averages": bool(config.ema_decay)},
         "resumed_after_epoch": trained.initial_epoch if prepared.resumed_dir else None,
         "dtype_policy": prepared.dtype_policy,
         "distribution": prepared.distribution,
@@ -256,47 +309,9 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     rundir.write_json(os.path.join(run_dir, rundir.METRICS), report)
     shutil.rmtree(os.path.join(run_dir, rundir.BACKUP), ignore_errors=True)  # complete: nothing left to resume
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in split_reports.items())
-    logger.info("Best epoch %d of %d (by val_loss): %s", trained.best_epoch, trained.epochs_run, summary)
+    logger.info("Best epoch %d of %d (by %s): %s", trained.best_epoch, trained.epochs_run, config.select_by, summary)
     if prepared.data.synthetic:
         logger.warning(preflight.SYNTHETIC_WARNING.format(path=prepared.data.data_dir))
-    return run_dir
-
-
-def _create_run_dir(config: TrainConfig, prepared: preflight.PreparedData) -> str:
-    """A new run directory holding the run's settings, class names and skipped files."""
-    run_dir = rundir.create(config.output_dir, config.run_name or _default_run_name(config))
-    logger.info("Run directory: %s", run_dir)
-    # flags.txt names the directory actually created, so --flagfile=RUN/flags.txt --resume finds it.
-    own_config = dataclasses.replace(config, run_name=os.path.basename(run_dir))
-    rundir.write_text(os.path.join(run_dir, rundir.FLAGS), own_config.to_flagfile())
-    rundir.write_json(os.path.join(run_dir, rundir.CLASSES), list(prepared.index.class_names))
-    splits = prepared.index.frame[["path", "label", "split", "patient"]].rename(columns={"label": "class"})
-    rundir.write_text(os.path.join(run_dir, rundir.SPLITS_CSV), splits.to_csv(index=False))
-    if prepared.skipped:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "reason"])
-        writer.writerows(sorted(prepared.skipped.items()))
-        rundir.write_text(os.path.join(run_dir, rundir.SKIPPED_IMAGES), buffer.getvalue())
-    return run_dir
-
-
-def _run_to_resume(config: TrainConfig) -> str:
-    """The run directory ``resume`` continues, once it is known that it can and should be continued."""
-    run_dir = os.path.join(config.output_dir, config.run_name)
-    flags_path = os.path.join(run_dir, rundir.FLAGS)
-    if not os.path.isfile(flags_path):
-        raise rundir.RunError(f"--resume: {run_dir} is not a run directory (no {rundir.FLAGS} there); "
-                              "nothing to resume.")
-    if rundir.is_finished(run_dir):
-        raise rundir.RunError(f"--resume: {run_dir} has finished (it has {rundir.METRICS}); start a new run instead.")
-    changed = rundir.read_config(run_dir).changed_settings(config)
-    if changed:
-        listing = "; ".join(f"--{name} was {started}, now {now}" for name, (started, now) in sorted(changed.items()))
-        raise rundir.RunError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "
-                              f"only with its own settings: --flagfile={flags_path} --resume")
-    for path in rundir.remove_temporaries(run_dir):
-        logger.info("--resume: removed %s, left by a write that was killed", path)
     return run_dir
 
 
@@ -316,8 +331,3 @@ def _dtype_policy(mixed_precision: str) -> str:
 
 def _jit_compile(value: str) -> str | bool:
     return {"auto": "auto", "true": True, "false": False}[value]
-
-
-def _default_run_name(config: TrainConfig) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{config.model}_{config.loss}_{config.task}_{stamp}"

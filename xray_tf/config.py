@@ -48,10 +48,10 @@ MAX_IMAGE_SIZE = 2048  # 4x CheXNet's largest published input; one such batch of
 DEFAULT_MAX_PIXELS = 100_000_000  # per image, as its header declares: 10000 x 10000, above any detector
 SPLIT_BY = ("patient", "image")  # how the validation split is drawn from TRAIN; see xray_tf.patients
 
-# The paper's flagfiles and the demo's, installed with the package (the repository's top-level
-# flags/ folder); ``--experiment=NAME`` reads NAME.cfg from here.
+# The paper's flagfiles, the demo's and the recommended recipe's, installed with the package (the
+# repository's top-level flags/ folder); ``--experiment=NAME`` reads NAME.cfg from here.
 FLAGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
-EXPERIMENTS = ("prce", "prcw", "prfl", "pdcxce", "pdcxfl", "rce", "demo")
+EXPERIMENTS = ("prce", "prcw", "prfl", "pdcxce", "pdcxfl", "rce", "demo", "recommended")
 
 # May differ when a run is resumed: where it is, how many devices share its (unchanged) batches,
 # and where its compiled programs are cached.

@@ -44,6 +44,26 @@ def test_flagfile_round_trip(tmp_path):
     assert original.changed_settings(dataclasses.replace(original, seed=5)) == {"seed": (0, 5)}
 
 
+def test_data_dir_is_given_once_per_folder(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    config = TrainConfig.from_args([f"--data_dir={tmp_path / 'a'}", "--epochs=2", f"--data_dir={tmp_path / 'b'}"])
+    assert config.data_dir == (str(tmp_path / "a"), str(tmp_path / "b"))
+    assert config.to_flagfile().count("--data_dir=") == 2
+    assert TrainConfig(data_dir=tmp_path / "a").data_dir == (str(tmp_path / "a"),)  # one folder, a str or a path
+    with pytest.raises(ConfigError, match="data_dir=.*missing.*not a directory"):
+        TrainConfig(data_dir=[str(tmp_path / "a"), str(tmp_path / "missing")], weights="none").validate()
+
+
+@pytest.mark.parametrize("spec, words", [("Normal,,Virus", "'' is no class"), ("a=", "'a=' is no class"),
+                                         ("a=x,a=y", "label 'a' is named twice")])
+def test_class_names_that_cannot_work_are_refused(spec, words):
+    with pytest.raises(ConfigError, match=words):
+        TrainConfig(class_names=spec, weights="none").validate()
+    assert config.class_name_map("NORMAL=Normal, b=Pneumonia,v=Pneumonia") == {
+        "NORMAL": "Normal", "b": "Pneumonia", "v": "Pneumonia"}
+
+
 def test_unknown_or_mistyped_settings_are_refused(tmp_path):
     path = tmp_path / "flags.txt"
     path.write_text("--epochs=3\n--no_such_setting=1\n")

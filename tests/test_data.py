@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from conftest import shared_data
 
-from xray_tf import data
-from xray_tf.config import ConfigError
+from xray_tf import data, layouts
+from xray_tf.config import FINE_CLASSES, ConfigError
 
 # (name, Label, Label_2_Virus_category, Label_1_Virus_category, expected fine class)
 LABEL_CASES = [
@@ -25,13 +25,14 @@ LABEL_CASES = [
 
 def write_coronahack(root, rows, nested: bool = True) -> str:
     """Write a metadata CSV and (empty) image files in the Kaggle layout; return the data dir."""
-    image_root = os.path.join(root, data.IMAGE_FOLDER, data.IMAGE_FOLDER) if nested else os.path.join(root, data.IMAGE_FOLDER)
+    folders = [layouts.IMAGE_FOLDER] * (2 if nested else 1)
+    image_root = os.path.join(root, *folders)
     frame = pd.DataFrame(rows, columns=["X_ray_image_name", "Label", "Dataset_type",
                                         "Label_2_Virus_category", "Label_1_Virus_category"])
     for name, split in zip(frame["X_ray_image_name"], frame["Dataset_type"]):
         os.makedirs(os.path.join(image_root, split.lower()), exist_ok=True)
         open(os.path.join(image_root, split.lower(), name), "wb").close()
-    frame.to_csv(os.path.join(root, data.METADATA_CSV))
+    frame.to_csv(os.path.join(root, layouts.METADATA_CSV))
     return str(root)
 
 
@@ -44,7 +45,7 @@ def class_rows(counts: dict[str, int], split: str = "TRAIN") -> list[tuple]:
 def test_fine_classes_cover_every_label_combination():
     frame = pd.DataFrame([case[:4] for case in LABEL_CASES],
                          columns=["X_ray_image_name", "Label", "Label_2_Virus_category", "Label_1_Virus_category"])
-    assert list(data.fine_classes(frame)) == [case[4] for case in LABEL_CASES]
+    assert list(layouts.coronahack_fine_classes(frame)) == [case[4] for case in LABEL_CASES]
 
 
 def test_fine_classes_reject_nonsense_labels():
@@ -52,7 +53,7 @@ def test_fine_classes_reject_nonsense_labels():
         [("x", "Normal", None, "bacteria"), ("y", "Pnemonia", None, None), ("z", "Cat", None, None)],
         columns=["X_ray_image_name", "Label", "Label_2_Virus_category", "Label_1_Virus_category"],
     )
-    assert data.fine_classes(frame).isna().all()
+    assert layouts.coronahack_fine_classes(frame).isna().all()
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -60,13 +61,13 @@ def test_index_reads_both_layouts_and_counts_exclusions(tmp_path, nested):
     rows = [(c[0], c[1], "TRAIN", c[2], c[3]) for c in LABEL_CASES] + class_rows({"COVID-19": 2, "Normal": 1}, "TEST")
     index = data.load_index(write_coronahack(tmp_path, rows, nested=nested), val_fraction=0.3)
     frame = index.frame
-    assert index.class_names == data.FINE_CLASSES
+    assert index.class_names == FINE_CLASSES
     assert index.excluded == {"Stress-Smoking, in no class": 1}
     assert len(frame) == len(rows) - 1
     assert set(frame.loc[frame["file"] == "strep.jpeg", "label"]) == {"Bacteria"}
     assert set(frame.loc[frame["split"] == "test", "label"]) == {"COVID-19", "Normal"}
     assert all(os.path.isfile(p) for p in frame["path"])
-    assert (frame["label_index"] == frame["label"].map(data.FINE_CLASSES.index)).all()
+    assert (frame["label_index"] == frame["label"].map(FINE_CLASSES.index)).all()
 
 
 def test_tasks_map_and_exclude_classes(tmp_path):
@@ -111,11 +112,11 @@ def test_bad_rows_are_listed_in_one_error(tmp_path):
     rows = class_rows({"Normal": 3, "Bacteria": 3, "Virus": 3, "COVID-19": 3})
     rows.append(("weird.jpeg", "Pnemonia", "TRAIN", None, "Fungus"))
     root = write_coronahack(tmp_path, rows)
-    os.remove(os.path.join(root, data.IMAGE_FOLDER, data.IMAGE_FOLDER, "train", "Normal-TRAIN-0.jpeg"))
+    os.remove(os.path.join(root, layouts.IMAGE_FOLDER, layouts.IMAGE_FOLDER, "train", "Normal-TRAIN-0.jpeg"))
     with pytest.raises(data.DataError) as error:
         data.load_index(root)
     message = str(error.value)
-    assert data.METADATA_CSV in message
+    assert layouts.METADATA_CSV in message
     assert "weird.jpeg" in message and "match no class rule" in message
     assert "Normal-TRAIN-0.jpeg" in message and "does not exist" in message
 
@@ -129,10 +130,10 @@ def test_duplicate_rows_and_empty_classes_are_refused(tmp_path):
 
 
 def test_missing_csv_column_and_layout_errors_name_the_file(tmp_path):
-    with pytest.raises(data.DataError, match="no Chest_xray_Corona_Metadata.csv"):
+    with pytest.raises(data.DataError, match="holds no dataset layout known here.*\n  coronahack: Chest_xray_Corona"):
         data.load_index(str(tmp_path))
-    pd.DataFrame({"X_ray_image_name": ["a.jpeg"], "Label": ["Normal"]}).to_csv(tmp_path / data.METADATA_CSV)
-    os.makedirs(tmp_path / data.IMAGE_FOLDER / "train")
+    pd.DataFrame({"X_ray_image_name": ["a.jpeg"], "Label": ["Normal"]}).to_csv(tmp_path / layouts.METADATA_CSV)
+    os.makedirs(tmp_path / layouts.IMAGE_FOLDER / "train")
     with pytest.raises(data.DataError, match="missing column.*Dataset_type"):
         data.load_index(str(tmp_path))
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import run_module, shared_data
 from fake_runs import make_run
 
-from xray_tf import calibration, data, evaluate, export, metrics, models, plots, rundir
+from xray_tf import calibration, data, evaluate, export, layouts, metrics, models, plots, rundir
 from xray_tf.config import ConfigError
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
@@ -91,9 +91,9 @@ def test_figures_are_written_with_their_axes_and_lines(run_dir):
 def _without_test_rows(dataset: str, out: str) -> str:
     """A copy of ``dataset``'s metadata with no TEST rows, sharing its images through a symlink."""
     os.makedirs(out)
-    frame = pd.read_csv(os.path.join(dataset, data.METADATA_CSV), index_col=0)
-    frame[frame["Dataset_type"] == "TRAIN"].to_csv(os.path.join(out, data.METADATA_CSV))
-    os.symlink(os.path.join(dataset, data.IMAGE_FOLDER), os.path.join(out, data.IMAGE_FOLDER))
+    frame = pd.read_csv(os.path.join(dataset, layouts.METADATA_CSV), index_col=0)
+    frame[frame["Dataset_type"] == "TRAIN"].to_csv(os.path.join(out, layouts.METADATA_CSV))
+    os.symlink(os.path.join(dataset, layouts.IMAGE_FOLDER), os.path.join(out, layouts.IMAGE_FOLDER))
     return out
 
 
@@ -252,6 +252,17 @@ def test_eval_data_reports_the_classes_it_lacks(tiny_run, tiny_dataset, tmp_path
                                                                                                  "reliability_eval.png"))
     with pytest.raises(ConfigError, match="^split='test': split 'eval' is the whole --eval_data folder"):
         evaluate.evaluate_run(run, "test", eval_data=str(folder))
+
+
+def test_eval_data_in_a_folder_per_class_leaves_out_labels_the_run_lacks(tiny_run, tiny_dataset, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    test = data.load_index(tiny_dataset).split("test")
+    for label, path in zip(test["label"].replace({"Virus": "Fungus"}), test["path"]):  # a class the run lacks
+        os.makedirs(tmp_path / "hospital" / label, exist_ok=True)
+        shutil.copy(path, tmp_path / "hospital" / label)
+    result = evaluate.evaluate_run(run, "eval", eval_data=str(tmp_path / "hospital"))
+    assert result["num_images"] == int((test["label"] != "Virus").sum())
+    assert result["absent_classes"] == ["Virus"]
 
 
 def test_command_line_ensemble_with_calibration_tta_and_an_operating_point(tiny_run, tmp_path):

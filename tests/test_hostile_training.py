@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from test_training import TINY, bacteria_train_images, metadata, train_cli
 
-from xray_tf import data, models, resources, rundir
+from xray_tf import data, layouts, models, resources, rundir, tables
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_before_decoding(dataset, 
 def test_metadata_rows_naming_files_outside_the_image_folder_are_refused(name, dataset, tmp_path):
     frame = metadata(dataset)
     frame.loc[frame.index[2], "X_ray_image_name"] = name
-    frame.to_csv(os.path.join(dataset, data.METADATA_CSV))
+    frame.to_csv(os.path.join(dataset, layouts.METADATA_CSV))
     message = refused([*TINY, f"--data_dir={dataset}"], tmp_path, "outside the image folder",
                       f"row 2: X_ray_image_name={name!r}")
     assert "root:" not in message  # the file was never read, let alone quoted
@@ -143,7 +143,7 @@ def test_every_metadata_and_file_problem_comes_in_one_report(dataset, tmp_path):
     frame = metadata(dataset)
     frame.loc[frame.index[1], "Dataset_type"] = "VALIDATION"
     frame.loc[frame.index[3], "Label"] = "Cat"
-    frame.to_csv(os.path.join(dataset, data.METADATA_CSV))
+    frame.to_csv(os.path.join(dataset, layouts.METADATA_CSV))
     missing, undecodable = bacteria_train_images(dataset)[-2:]
     os.remove(missing)
     with open(undecodable, "wb") as handle:
@@ -155,8 +155,8 @@ def test_every_metadata_and_file_problem_comes_in_one_report(dataset, tmp_path):
 
 def test_check_data_applies_the_empty_validation_check(dataset, tmp_path):
     frame = metadata(dataset)
-    one_each = frame[frame["Dataset_type"] == "TRAIN"].groupby(data.fine_classes(frame)).head(1)
-    one_each.to_csv(os.path.join(dataset, data.METADATA_CSV))
+    one_each = frame[frame["Dataset_type"] == "TRAIN"].groupby(layouts.coronahack_fine_classes(frame)).head(1)
+    one_each.to_csv(os.path.join(dataset, layouts.METADATA_CSV))
     refused(["--check_data", *TINY, "--batch_size=2", f"--data_dir={dataset}"], tmp_path,
             "no validation images, so no epoch can be chosen")
 
@@ -189,14 +189,14 @@ def _too_many_fields(path: str) -> str:
 
 @pytest.mark.parametrize("damage", [_binary, _latin1, _too_many_fields])
 def test_a_csv_that_is_not_clean_utf8_text_is_named_with_its_line(damage, dataset, tmp_path):
-    csv_path = os.path.join(dataset, data.METADATA_CSV)
+    csv_path = os.path.join(dataset, layouts.METADATA_CSV)
     words = damage(csv_path)
     refused([*TINY, f"--data_dir={dataset}"], tmp_path, f"{csv_path}{'' if words.startswith(',') else ': '}{words}")
 
 
 def test_image_paths_are_resolved_inside_their_folder(tmp_path):
     names = pd.Series(["a.jpeg", "sub/b.png", "../c.jpeg", "/etc/passwd", "sub/../d.jpeg", "."])
-    paths, outside = data.image_paths(str(tmp_path), names)
+    paths, outside = tables.image_paths(str(tmp_path), names)
     assert paths[0] == str(tmp_path / "a.jpeg") and paths[4] == str(tmp_path / "d.jpeg")
     assert outside.tolist() == [False, False, True, True, False, True]
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from conftest import shared_data
 
-from xray_tf import data, patients
+from xray_tf import layouts, patients
 from xray_tf.config import ConfigError
 
 
@@ -129,12 +129,12 @@ def test_grouped_split_refuses_bad_arguments():
 
 
 def test_real_train_csv_patients_never_cross_the_split():
-    metadata = pd.read_csv(os.path.join(shared_data("coronahack"), data.METADATA_CSV))
+    metadata = pd.read_csv(os.path.join(shared_data("coronahack"), layouts.METADATA_CSV))
     ids = patients.patient_ids(metadata["X_ray_image_name"])
     assert ids.nunique() == 2895  # 1,635 persons, 518 + 693 series, 49 figures or single images
     assert (~ids.str.startswith("coronahack:file:")).mean() == pytest.approx(0.988, abs=0.0005)
-    frame = pd.DataFrame({"group": ids, "label": data.fine_classes(metadata), "file": metadata["X_ray_image_name"]})
-    frame = frame[frame["label"] != data.EXCLUDED_CATEGORY]
+    frame = pd.DataFrame({"group": ids, "label": layouts.coronahack_fine_classes(metadata), "file": metadata["X_ray_image_name"]})
+    frame = frame[frame["label"] != layouts.EXCLUDED_CATEGORY]
     assert (frame.groupby("group")["label"].nunique() > 1).sum() == 808  # persons with bacteria and virus images
     split = _split(frame)
     _check_split(frame, split, 0.1)

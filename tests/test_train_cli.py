@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_module, shared_data
 
-from xray_tf import data, decode, models, rundir, synthetic
+from xray_tf import data, decode, layouts, models, rundir, synthetic
 
 pytestmark = pytest.mark.slow  # whole training runs in processes of their own
 
@@ -165,10 +165,10 @@ def test_short_run_on_real_coronahack(tmp_path):
     """64 px on a class-stratified subset of the real images (CSV rewritten, images linked, not copied),
     with the levers and hooks that RESULTS.md's ablation on the real data does not use."""
     source = shared_data("coronahack")
-    metadata = pd.read_csv(os.path.join(source, data.METADATA_CSV), index_col=0)
-    subset = metadata.groupby(data.fine_classes(metadata).fillna("none")).head(12)
-    subset.to_csv(tmp_path / data.METADATA_CSV)
-    os.symlink(os.path.join(source, data.IMAGE_FOLDER), tmp_path / data.IMAGE_FOLDER)
+    metadata = pd.read_csv(os.path.join(source, layouts.METADATA_CSV), index_col=0)
+    subset = metadata.groupby(layouts.coronahack_fine_classes(metadata).fillna("none")).head(12)
+    subset.to_csv(tmp_path / layouts.METADATA_CSV)
+    os.symlink(os.path.join(source, layouts.IMAGE_FOLDER), tmp_path / layouts.IMAGE_FOLDER)
     result = run_module("xray_tf.train", "--model=mobilenetv3small", "--weights=none", "--image_size=64",
                         "--epochs=2", "--batch_size=16", f"--data_dir={tmp_path}",
                         f"--output_dir={tmp_path / 'runs'}", "--run_name=real", "--optimizer=adamw",

@@ -30,7 +30,7 @@ from conftest import REPO_ROOT, run_module
 from image_files import BAD_IMAGES, SUPPORTED_IMAGES
 from PIL import Image
 
-from xray_tf import checkpoint, data, models, optimizers, rundir
+from xray_tf import checkpoint, layouts, models, optimizers, rundir
 from xray_tf.cli import train as train_command
 
 # The cheapest backbone: these tests are about the run, not the network.
@@ -75,12 +75,12 @@ def dataset(clean_dataset, tmp_path) -> str:
 
 
 def metadata(data_dir: str) -> pd.DataFrame:
-    return pd.read_csv(os.path.join(data_dir, data.METADATA_CSV), index_col=0)
+    return pd.read_csv(os.path.join(data_dir, layouts.METADATA_CSV), index_col=0)
 
 
 def image_path(data_dir: str, name: str) -> str:
     split = "test" if "-test-" in name else "train"
-    return os.path.join(data_dir, data.IMAGE_FOLDER, data.IMAGE_FOLDER, split, name)
+    return os.path.join(data_dir, layouts.IMAGE_FOLDER, layouts.IMAGE_FOLDER, split, name)
 
 
 def bacteria_train_images(data_dir: str) -> list[str]:
@@ -159,12 +159,12 @@ def test_skipping_must_leave_every_class_some_training_images(dataset, tmp_path)
 
 
 def _drop_csv(root: str) -> str:
-    os.remove(os.path.join(root, data.METADATA_CSV))
-    return data.METADATA_CSV
+    os.remove(os.path.join(root, layouts.METADATA_CSV))
+    return layouts.METADATA_CSV
 
 
 def _drop_column(root: str) -> str:
-    metadata(root).drop(columns=["Label"]).to_csv(os.path.join(root, data.METADATA_CSV))
+    metadata(root).drop(columns=["Label"]).to_csv(os.path.join(root, layouts.METADATA_CSV))
     return "missing column(s) Label"
 
 
@@ -177,31 +177,31 @@ def _missing_file(root: str) -> str:
 def _unknown_label(root: str) -> str:
     frame = metadata(root)
     frame.loc[frame.index[3], "Label"] = "Cat"
-    frame.to_csv(os.path.join(root, data.METADATA_CSV))
+    frame.to_csv(os.path.join(root, layouts.METADATA_CSV))
     name = frame["X_ray_image_name"].iloc[3]
     return f"labels that match no class rule:\n  row 3: X_ray_image_name={name!r}, Label='Cat'"
 
 
 def _duplicate_row(root: str) -> str:
     frame = metadata(root)
-    pd.concat([frame, frame.iloc[[4]]]).reset_index(drop=True).to_csv(os.path.join(root, data.METADATA_CSV))
+    pd.concat([frame, frame.iloc[[4]]]).reset_index(drop=True).to_csv(os.path.join(root, layouts.METADATA_CSV))
     return f"naming the same image more than once:\n  row 4: X_ray_image_name={frame['X_ray_image_name'].iloc[4]!r}"
 
 
 def _empty_csv(root: str) -> str:
-    open(os.path.join(root, data.METADATA_CSV), "w").close()
+    open(os.path.join(root, layouts.METADATA_CSV), "w").close()
     return "the file is empty"
 
 
 def _header_only(root: str) -> str:
-    metadata(root).iloc[:0].to_csv(os.path.join(root, data.METADATA_CSV))
+    metadata(root).iloc[:0].to_csv(os.path.join(root, layouts.METADATA_CSV))
     return "no rows"
 
 
 def _class_without_training_images(root: str) -> str:
     frame = metadata(root)
     covid_train = (frame["Label_2_Virus_category"] == "COVID-19") & (frame["Dataset_type"] == "TRAIN")
-    frame[~covid_train].to_csv(os.path.join(root, data.METADATA_CSV))
+    frame[~covid_train].to_csv(os.path.join(root, layouts.METADATA_CSV))
     return "no training images of class(es) COVID-19"
 
 

@@ -46,6 +46,7 @@ COMPILATION_CACHE_AUTO, COMPILATION_CACHE_OFF = "auto", "none"  # else a directo
 MIN_IMAGE_SIZE = 32  # the smallest input every backbone of xray_tf.backbones accepts
 MAX_IMAGE_SIZE = 2048  # 4x CheXNet's largest published input; one such batch of 32 is 400 MB as float32
 DEFAULT_MAX_PIXELS = 100_000_000  # per image, as its header declares: 10000 x 10000, above any detector
+DATA_FORMATS = ("auto", "coronahack", "kermany", "folders", "csv", "metadata")  # see xray_tf.layouts
 SPLIT_BY = ("patient", "image")  # how the validation split is drawn from TRAIN; see xray_tf.patients
 
 # The paper's flagfiles, the demo's and the recommended recipe's, installed with the package (the
@@ -80,11 +81,26 @@ class TrainConfig:
     """Every setting of a training run (see the README's Training section)."""
 
     # Data
-    data_dir: str | None = _setting(None, "CoronaHack folder (holding Chest_xray_Corona_Metadata.csv). Omitted: a "
-                                    "synthetic dataset is generated once and used, and the run says so loudly.")
-    extra_data: str | None = _setting(None, "Folder with metadata.csv (X_ray_image_name,Label) and images/ whose "
-                                      "images join the training split only (the paper's extra COVID-19 samples).")
-    task: str = _setting("four_class", "Which classes to tell apart.", TASKS)
+    data_dir: tuple[str, ...] = _setting((), "Dataset folder; give it several times to train on several datasets "
+                                         "at once (each one's layout detected, byte-identical copies kept once). "
+                                         "Omitted (and no --data_csv): a synthetic dataset is generated once and "
+                                         "used, and the run says so loudly.")
+    data_format: str = _setting("auto", "The layout of every --data_dir: auto detects it (and says why); coronahack "
+                                "(Kaggle's CSV), kermany ({train,val,test}/{NORMAL,PNEUMONIA}/), folders (a folder "
+                                "per class, optionally in train/val/test folders), csv (a CSV of path,label"
+                                "[,split][,patient_id]), metadata (the --extra_data layout).", DATA_FORMATS)
+    data_csv: str | None = _setting(None, "A CSV of path,label[,split][,patient_id], paths relative to it; a row "
+                                    "without a split is a training image. Alone or besides --data_dir.")
+    class_names: str | None = _setting(None, "Comma-separated classes in the order of the model's outputs, for data "
+                                       "whose labels are their own (folders, csv); LABEL=NAME maps a label onto a "
+                                       "class (several labels may map onto one); images of labels not named are "
+                                       "left out, and counted. Default: the task's classes the data holds, then "
+                                       "the other labels in alphabetical order.")
+    extra_data: str | None = _setting(None, "Folder (metadata.csv with X_ray_image_name,Label and images/, or any "
+                                      "--data_format layout) whose images join the training split only (the "
+                                      "paper's extra COVID-19 samples).")
+    task: str = _setting("four_class", "Which classes to tell apart in data labelled with the fine classes "
+                         "(coronahack, kermany, metadata); folders and csv data bring their own.", TASKS)
     val_fraction: float = _setting(0.1, "Stratified share of TRAIN held out for validation.")
     split_by: str = _setting("patient", "patient: a patient's images (the id in the file name, or a patient_id "
                              "column) are all in train or all in val; image: images are split one by one, "
@@ -182,6 +198,11 @@ class TrainConfig:
     calibrate: bool = _setting(False, "After training, fit one softmax temperature on the validation split and "
                                "store it in the run; evaluate, predict and the SavedModel then apply it.")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data_dir, (str, os.PathLike)):  # TrainConfig(data_dir="coronahack"): one folder
+            self.data_dir = (self.data_dir,)
+        self.data_dir = tuple(os.fspath(path) for path in self.data_dir or ())
+
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
         for field in dataclasses.fields(self):
@@ -227,10 +248,13 @@ class TrainConfig:
             raise ConfigError("dropout", self.dropout, "must be in [0, 1).")
         if self.focal_gamma < 0:
             raise ConfigError("focal_gamma", self.focal_gamma, "must be >= 0.")
-        for name in ("data_dir", "extra_data"):
-            path = getattr(self, name)
+        for name, path in [*(("data_dir", path) for path in self.data_dir), ("extra_data", self.extra_data)]:
             if path and not os.path.isdir(path):
                 raise ConfigError(name, path, "not a directory.")
+        if self.data_csv is not None and not os.path.isfile(self.data_csv):
+            raise ConfigError("data_csv", self.data_csv, "no such file.")
+        if self.class_names is not None:
+            class_name_map(self.class_names)
         if self.model == "densenet_chexnet":
             if not self.chexnet_weights:
                 raise ConfigError("chexnet_weights", None, "--model=densenet_chexnet needs the converted CheXNet "
@@ -253,8 +277,12 @@ class TrainConfig:
 
     def to_flagfile(self) -> str:
         """Every setting that is not None as ``--name=value`` lines: ``flags.txt``, reusable as ``--flagfile``."""
-        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return "".join(f"--{name}={value}\n" for name, value in values.items() if value is not None)
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            lines += [f"--{field.name}={item}\n" for item in (value if isinstance(value, tuple) else [value])
+                      if item is not None]
+        return "".join(lines)
 
     @classmethod
     def from_args(cls, args: Iterable[str], base_dir: str = ".") -> TrainConfig:
@@ -262,17 +290,39 @@ class TrainConfig:
 
         Later values win, as on a command line; fields not named keep their defaults.
         """
-        values = flag_values(expand_flagfiles(list(args), base_dir), "arguments")
+        expanded = expand_flagfiles(list(args), base_dir)
+        values = flag_values(expanded, "arguments")
         fields = {field.name: field for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ConfigError(unknown[0], values[unknown[0]], "no such training setting.")
-        return cls(**{name: _typed(fields[name], text) for name, text in values.items()})
+        return cls(**{name: _every_value(expanded, name) if isinstance(fields[name].default, tuple)
+                      else _typed(fields[name], text) for name, text in values.items()})
 
     @classmethod
     def from_flagfile(cls, path: str) -> TrainConfig:
         """The config a flagfile (a run's ``flags.txt``, or one in ``flags/``) describes."""
         return cls.from_args([f"--flagfile={path}"])
+
+
+def class_name_map(spec: str) -> dict[str, str]:
+    """``{label: class}`` of ``--class_names`` (``A,B=Name,C=Name``), in the order of the model's outputs."""
+    mapping = {}
+    for item in spec.split(","):
+        label, equals, name = (part.strip() for part in item.partition("="))
+        name = name if equals else label
+        if not label or not name:
+            raise ConfigError("class_names", spec, f"{item.strip()!r} is no class: expected NAME or LABEL=NAME, "
+                              "comma-separated.")
+        if label in mapping:
+            raise ConfigError("class_names", spec, f"label {label!r} is named twice.")
+        mapping[label] = name
+    return mapping
+
+
+def _every_value(args: list[str], name: str) -> tuple[str, ...]:
+    """Each value of a setting given once per value (``--data_dir=A --data_dir=B``), in order."""
+    return tuple(arg.partition("=")[2] for arg in args if arg.startswith(f"--{name}="))
 
 
 def _typed(field: dataclasses.Field, text: str) -> object:

@@ -253,7 +253,7 @@ def evaluate_run(run_dir: str | Sequence[str], split: str = "test", data_dir: st
     result = {
         "run_dir": None if ensemble else os.path.abspath(first.directory),
         "split": split,
-        "data_dir": os.path.abspath(eval_data if split == EVAL_DATA_SPLIT else data_dir),
+        "data_dir": os.path.abspath(eval_data) if split == EVAL_DATA_SPLIT else data_dir,
         "trained_on_synthetic_data": first.training.get("synthetic_data"),
         "model": rundir.MODEL,
         "model_selection": None if ensemble else first.training.get("model_selection"),
@@ -282,18 +282,22 @@ def evaluate_run(run_dir: str | Sequence[str], split: str = "test", data_dir: st
 
 
 def _run_data(run: _Run, split: str, data_dir: str | None, needs_val: bool) -> tuple[str, dict[str, pd.DataFrame]]:
-    """``(data_dir, split -> frame)``: of the run's data (or ``data_dir``), ``split`` unless it is ``eval``,
+    """``(what was read, split -> frame)``: of the run's data (or ``data_dir``), ``split`` unless it is ``eval``,
     and val if ``needs_val``."""
-    training_data_dir = run.training.get("data_dir") or run.config.data_dir  # metrics.json's is absolute
-    data_dir = data_dir or training_data_dir
-    if not data_dir:
-        raise ConfigError("data_dir", None, f"the run {run.directory} does not say which data it was trained on.")
     config = run.config
-    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, split_by=config.split_by)
+    # metrics.json's paths are absolute; flags.txt's may be relative to where training ran
+    trained_on = (run.training.get("data_dirs") or list(config.data_dir), run.training.get("data_csv", config.data_csv))
+    folders, data_csv = ([data_dir], None) if data_dir else trained_on
+    if not folders and not data_csv:
+        raise ConfigError("data_dir", None, f"the run {run.directory} does not say which data it was trained on.")
+    data_format = config.data_format if not data_dir else "auto"
+    index = data.load_index(folders, config.task, config.val_fraction, config.seed, split_by=config.split_by,
+                            data_format=data_format, data_csv=data_csv, class_names=config.class_names)
+    data_dir = ", ".join(os.path.abspath(path) for path in [*folders, data_csv] if path)
     if index.class_names != run.classes:
         raise ConfigError("data_dir", data_dir, f"gives classes {list(index.class_names)}; the run has "
                           f"{list(run.classes)} ({rundir.CLASSES}).")
-    same_data = training_data_dir is not None and os.path.realpath(data_dir) == os.path.realpath(training_data_dir)
+    same_data = [os.path.realpath(path) for path in folders] == [os.path.realpath(path) for path in trained_on[0]]
     frames = {}
     for name in [split] * (split != EVAL_DATA_SPLIT) + ["val"] * needs_val:
         frames[name] = index.split(name)
@@ -311,7 +315,10 @@ def _run_data(run: _Run, split: str, data_dir: str | None, needs_val: bool) -> t
 
 
 def _eval_frame(eval_data: str, run: _Run) -> pd.DataFrame:
-    index = data.load_folder_index(eval_data, run.config.task)
+    index = data.load_folder_index(eval_data, run.config.task, run.classes, run.config.class_names)
+    if index.excluded:
+        logger.info("%s: left out %s.", eval_data, "; ".join(f"{count} ({reason})"
+                                                            for reason, count in index.excluded.items()))
     absent = [name for name, count in index.class_counts(EVAL_DATA_SPLIT).items() if count == 0]
     if absent:
         logger.warning("%s has no images of %s: their recall is undefined; the report gives the share of images "

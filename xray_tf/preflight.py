@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_WARNING = (
     "NO --data_dir GIVEN: TRAINING ON SYNTHETIC DATA ({path}). "
-    "Results say nothing about real X-rays; pass --data_dir=PATH/TO/CORONAHACK for real training."
+    "Results say nothing about real X-rays; pass --data_dir=PATH/TO/DATASET for real training."
 )
 _SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
 
@@ -31,8 +31,8 @@ _SKIPPED = "unreadable, skipped (--on_bad_image=skip)"
 class PreparedData:
     """The dataset as training will use it, and what was left out of it."""
 
-    data_dir: str
-    synthetic: bool  # no data_dir: the generated stand-in
+    data_dirs: tuple[str, ...]
+    synthetic: bool  # no data_dir and no data_csv: the generated stand-in
     index: data.DataIndex  # without the skipped images
     skipped: dict[str, str]  # path -> why it cannot be decoded (on_bad_image=skip)
     decoded: image_cache.DecodedImages  # every indexed image, decoded once; the cache training reads
@@ -49,13 +49,19 @@ def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
     ``cache="none"``), so that training reads them instead of decoding every file a second time.
     """
     config.validate()
-    synthetic_data = config.data_dir is None
-    data_dir = config.data_dir or synthetic.ensure_default_dataset()
+    synthetic_data = not config.data_dir and config.data_csv is None
+    data_dirs = (synthetic.ensure_default_dataset(),) if synthetic_data else config.data_dir
     if synthetic_data:
-        logger.warning(SYNTHETIC_WARNING.format(path=data_dir))
-    index = data.load_index(data_dir, config.task, config.val_fraction, config.seed, config.extra_data,
-                            strict=False, split_by=config.split_by)
-    logger.info("Data index of %s, task %s:\n%s", data_dir, config.task, index.summary())
+        logger.warning(SYNTHETIC_WARNING.format(path=data_dirs[0]))
+    index = data.load_index(data_dirs, config.task, config.val_fraction, config.seed, config.extra_data,
+                            strict=False, split_by=config.split_by, data_format=config.data_format,
+                            data_csv=config.data_csv, class_names=config.class_names)
+    for note in index.notes:
+        logger.info("%s", note)
+    if index.absent_classes:
+        logger.warning("No dataset given can hold class(es) %s: the model learns the %d others (%s).",
+                       ", ".join(index.absent_classes), len(index.class_names), ", ".join(index.class_names))
+    logger.info("Data index, task %s:\n%s", config.task, index.summary())
     # Before hours of decoding: what the weights, the splits or the memory make impossible anyway.
     problems = list(index.problems) + _weights_problems(config) + _split_problems(config, index) \
         + _memory_problems(config, index)
@@ -78,7 +84,7 @@ def prepare_data(config: TrainConfig, keep_images: bool = True) -> PreparedData:
                              + "\n".join(problems))
     if problems:
         raise data.DataError(problems[0])
-    return PreparedData(data_dir, synthetic_data, index, unreadable, decoded)
+    return PreparedData(data_dirs, synthetic_data, index, unreadable, decoded)
 
 
 def _weights_problems(config: TrainConfig) -> list[str]:
@@ -116,8 +122,8 @@ def _memory_problems(config: TrainConfig, index: data.DataIndex) -> list[str]:
 
 
 def check_report(prepared: PreparedData, task: str) -> str:
-    """What ``--check_data`` prints: the images training would use, and any it would skip."""
-    lines = [f"{prepared.data_dir}, task {task}:", prepared.index.summary()]
+    """What ``--check_data`` prints: the datasets read, the images training would use, and any it would skip."""
+    lines = [*prepared.index.notes, f"task {task}:", prepared.index.summary()]
     if prepared.skipped:
         lines += [f"{len(prepared.skipped)} image file(s) cannot be used; --on_bad_image=skip leaves them out:",
                   list_unreadable(prepared.skipped)]

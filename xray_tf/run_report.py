@@ -141,9 +141,19 @@ def _settings(run_dir: str) -> str:
 def _data(training: dict | None) -> str:
     if training is None:
         return _section("Data", _absent(f"No data summary: the run has no {rundir.METRICS} yet."))
-    parts = [_table(["", "Value"], [["Data folder", training.get("data_dir", "—")],
-                                    ["Task", training.get("task", "—")],
-                                    ["Classes", ", ".join(training.get("classes", []))]])]
+    sources = training.get("sources") or {}
+    rows = [[f"Dataset {name}", f"{source['location']} ({source['layout']} layout)"]
+            for name, source in sources.items()]
+    rows += [["Task", training.get("task", "—")], ["Classes", ", ".join(training.get("classes", []))]]
+    absent = training.get("absent_classes")
+    if absent:
+        rows.append(["Absent classes", f"{', '.join(absent)}: no dataset given can hold them, so the model cannot "
+                                       "name them"])
+    parts = [_table(["", "Value"], rows)]
+    if len(sources) > 1:  # where the images of each class came from
+        names = list(training.get("classes", []))
+        parts.append(_table(["Images per dataset", *names],
+                            [[name, *(source["images"].get(c, 0) for c in names)] for name, source in sources.items()]))
     images = training.get("images") or {}
     if images:
         classes = list(next(iter(images.values())))

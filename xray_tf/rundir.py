@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from xray_tf.config import TrainConfig
-from xray_tf.data import DataIndex, read_csv_checked
+from xray_tf.data import DataIndex
+from xray_tf.tables import read_csv_checked
 
 FLAGS = "flags.txt"  # every setting, reusable as --flagfile
 CLASSES = "classes.json"  # class names in the order of the model's outputs

@@ -1,32 +1,43 @@
-"""A synthetic stand-in for the CoronaHack dataset, in the exact Kaggle layout.
+"""A synthetic stand-in for the CoronaHack dataset, in CoronaHack's and three other layouts.
 
-``xray-synthetic --out DIR`` writes ``Chest_xray_Corona_Metadata.csv`` and
-``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/`` with all four classes,
-imbalanced like the real data (COVID-19 rare), plus two Stress-Smoking rows that belong to no
-class. Images are drawn chest-like phantoms of varied size, grey or RGB, JPEG or 8/16-bit PNG, so
-the demo and the tests exercise the same decoding as real downloads. Each class has its own
-structure a CNN can learn:
+``xray-synthetic --out DIR`` writes all four classes, imbalanced like the real CoronaHack TRAIN
+split (COVID-19 rare). Images are drawn chest-like phantoms of varied size, grey or RGB, JPEG or
+8/16-bit PNG, so the demo and the tests exercise the same decoding as real downloads. Each class
+has its own structure a CNN can learn:
 
 * Normal: clear lung fields;
 * Bacteria: one dense, sharply bounded consolidation in one lung (lobar pneumonia);
 * Virus: diffuse bilateral streaks around the hila (interstitial pattern);
 * COVID-19: several soft, peripheral patches low in both lungs (ground-glass opacities).
 
+The same seed draws the same images in every layout (``LAYOUTS``); only where they go and their
+names differ, so layouts can be compared by counts. ``coronahack`` is the Kaggle download:
+``Chest_xray_Corona_Metadata.csv`` and ``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/``,
+plus two Stress-Smoking rows that belong to no class. ``kermany`` is Kermany et al.'s download,
+``{train,val,test}/{NORMAL,PNEUMONIA}/`` with ``person{P}_bacteria_{N}``, ``person{P}_virus_{N}`` and
+``IM-{S}-{K}`` names (no COVID-19; the first two TRAIN images of a class form val). ``folders`` is a
+folder per class in ``{train,test}/``; ``csv`` is ``labels.csv`` (``path,label,split,patient_id``)
+beside ``images/``. Every two consecutive images of a class and split are one patient where the
+layout can say so (``kermany``, ``csv``); only ``coronahack`` has Stress-Smoking images.
+
 It is no substitute for real X-rays: use it to check that the tooling works, never to judge a model.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Hashable, Iterator
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 import xray_tf
-from xray_tf import data
+from xray_tf import layouts
 
 # Per-class shares of the real CoronaHack TRAIN split (1342 / 2535 / 1349 / 58 of 5284).
 _TRAIN_SHARES = {"Normal": 0.254, "Bacteria": 0.480, "Virus": 0.255, "COVID-19": 0.011}
@@ -97,38 +108,163 @@ def _class_counts(total: int) -> dict[str, int]:
     return {label: max(_MIN_PER_CLASS, int(round(total * share))) for label, share in _TRAIN_SHARES.items()}
 
 
-def write_dataset(out_dir: str, num_train: int = 400, num_test: int = 80, seed: int = 0,
-                  min_size: int = 96, max_size: int = 192) -> str:
-    """Write a synthetic CoronaHack dataset to ``out_dir`` (created; must not exist) and return it.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Drawn:
+    """One drawn image and where it stands in the plan; layouts place it from these alone."""
 
-    The folder appears complete or not at all: it is written beside its target and renamed.
+    split: str  # "TRAIN" or "TEST"
+    label: str  # a class, or "Stress-Smoking"
+    index: int  # its number within its class and split
+    kind: str  # how ``_save`` writes it
+    pixels: np.ndarray
+
+    @property
+    def extension(self) -> str:
+        return "jpeg" if self.kind == "grey_jpeg" else "png"
+
+    @property
+    def name(self) -> str:
+        """The CoronaHack-layout file name, which the ``folders`` and ``csv`` layouts keep."""
+        return f"{self.label.lower()}-{self.split.lower()}-{self.index:04d}.{self.extension}"
+
+
+def _draw_all(num_train: int, num_test: int, seed: int, min_size: int, max_size: int) -> Iterator[_Drawn]:
+    """Every image of the plan, in the one order and from the one rng stream that all layouts share."""
+    rng = np.random.default_rng(seed)
+    plan = [("TRAIN", label, n) for label, n in _class_counts(num_train).items()]
+    plan += [("TEST", label, n) for label, n in _class_counts(num_test).items()]
+    plan.append(("TRAIN", "Stress-Smoking", 2))
+    kinds = ["grey_jpeg"] * 6 + ["rgb_png", "gray16_png"]
+    for split, label, count in plan:
+        for index in range(count):
+            kind = kinds[rng.integers(len(kinds))]
+            pixels = draw_xray(label, int(rng.integers(min_size, max_size + 1)), rng)
+            yield _Drawn(split, label, index, kind, pixels)
+
+
+class _PatientNumbers:
+    """Patient numbers 1, 1, 2, 2, ... down a class and split: two consecutive images are one patient."""
+
+    def __init__(self) -> None:
+        self._last: collections.Counter = collections.Counter()
+
+    def of(self, image: _Drawn, numbering: Hashable) -> int:
+        """The patient of ``image``; each ``numbering`` counts its patients from 1 on its own."""
+        if image.index % 2 == 0:
+            self._last[numbering] += 1
+        return self._last[numbering]
+
+
+class _CoronaHack:
+    """Kaggle's CoronaHack download: the metadata CSV and one folder per split."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple] = []
+
+    def place(self, image: _Drawn) -> str | None:
+        csv_label, category_2, category_1 = _CSV_LABELS[image.label]
+        self._rows.append((image.name, csv_label, image.split, category_2, category_1))
+        return os.path.join(layouts.IMAGE_FOLDER, layouts.IMAGE_FOLDER, image.split.lower(), image.name)
+
+    def finish(self, root: str) -> None:
+        metadata = pd.DataFrame(self._rows, columns=["X_ray_image_name", "Label", "Dataset_type",
+                                                     "Label_2_Virus_category", "Label_1_Virus_category"])
+        metadata.to_csv(os.path.join(root, layouts.METADATA_CSV))  # keeps the unnamed index column
+
+
+class _Kermany:
+    """Kermany et al.'s download: ``{train,val,test}/{NORMAL,PNEUMONIA}/`` with patients in the names."""
+
+    _FOLDERS = {"Normal": "NORMAL", "Bacteria": "PNEUMONIA", "Virus": "PNEUMONIA"}  # it has no COVID-19
+    _VAL_PER_CLASS = 2  # its official val split is that tiny; even, so no patient straddles val and train
+
+    def __init__(self) -> None:
+        self._patients = _PatientNumbers()
+        self._pneumonia_files = 0
+
+    def place(self, image: _Drawn) -> str | None:
+        folder = self._FOLDERS.get(image.label)
+        if folder is None:
+            return None
+        if image.split == "TEST":
+            split = "test"
+        else:
+            split = "val" if image.index < self._VAL_PER_CLASS else "train"
+        # Its test cohort is numbered afresh; its val patients come from the train numbering.
+        patient = self._patients.of(image, (image.split, folder))
+        if folder == "NORMAL":
+            name = f"IM-{patient:04d}-{image.index % 2 + 1:04d}.{image.extension}"
+        else:
+            self._pneumonia_files += 1
+            name = f"person{patient}_{image.label.lower()}_{self._pneumonia_files}.{image.extension}"
+        return os.path.join(split, folder, name)
+
+    def finish(self, root: str) -> None:
+        pass  # the folders are the labels
+
+
+class _Folders:
+    """A folder per class inside ``train/`` and ``test/``."""
+
+    def place(self, image: _Drawn) -> str | None:
+        if image.label not in _TRAIN_SHARES:
+            return None
+        return os.path.join(image.split.lower(), image.label, image.name)
+
+    def finish(self, root: str) -> None:
+        pass  # the folders are the labels
+
+
+class _Csv:
+    """``labels.csv`` (``path,label,split,patient_id``) beside ``images/``."""
+
+    def __init__(self) -> None:
+        self._patients = _PatientNumbers()
+        self._rows: list[tuple[str, str, str, str]] = []
+
+    def place(self, image: _Drawn) -> str | None:
+        if image.label not in _TRAIN_SHARES:
+            return None
+        patient = self._patients.of(image, numbering=None)  # one numbering: ids never repeat across splits
+        path = f"images/{image.name}"  # relative to the CSV, with the separator of every platform
+        self._rows.append((path, image.label, image.split.lower(), f"p{patient:04d}"))
+        return path
+
+    def finish(self, root: str) -> None:
+        labels = pd.DataFrame(self._rows, columns=["path", "label", "split", "patient_id"])
+        labels.to_csv(os.path.join(root, "labels.csv"), index=False)
+
+
+_LAYOUTS = {"coronahack": _CoronaHack, "kermany": _Kermany, "folders": _Folders, "csv": _Csv}
+LAYOUTS = tuple(_LAYOUTS)
+
+
+def write_dataset(out_dir: str, num_train: int = 400, num_test: int = 80, seed: int = 0,
+                  min_size: int = 96, max_size: int = 192, layout: str = "coronahack") -> str:
+    """Write a synthetic dataset in ``layout`` (one of ``LAYOUTS``) to ``out_dir`` and return it.
+
+    ``out_dir`` is created and must not exist. About ``num_train`` TRAIN and ``num_test`` TEST
+    images are drawn (at least six per class), ``min_size`` to ``max_size`` pixels square; the same
+    seed draws the same images in every layout, which skips those it has no place for (module
+    docstring). The folder appears complete or not at all: it is written beside its target and renamed.
     """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout; choose one of {', '.join(LAYOUTS)}.")
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists; choose a new folder.")
-    rng = np.random.default_rng(seed)
+    writer = _LAYOUTS[layout]()
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
     try:
-        image_root = os.path.join(staging, data.IMAGE_FOLDER, data.IMAGE_FOLDER)
-        rows = []
-        plan = [("TRAIN", label, n) for label, n in _class_counts(num_train).items()]
-        plan += [("TEST", label, n) for label, n in _class_counts(num_test).items()]
-        plan.append(("TRAIN", "Stress-Smoking", 2))
-        kinds = ["grey_jpeg"] * 6 + ["rgb_png", "gray16_png"]
-        for dataset_type, label, count in plan:
-            folder = os.path.join(image_root, dataset_type.lower())
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                kind = kinds[rng.integers(len(kinds))]
-                name = f"{label.lower()}-{dataset_type.lower()}-{i:04d}.{'jpeg' if kind == 'grey_jpeg' else 'png'}"
-                image = draw_xray(label, int(rng.integers(min_size, max_size + 1)), rng)
-                _save(image, os.path.join(folder, name), kind)
-                csv_label, category_2, category_1 = _CSV_LABELS[label]
-                rows.append((name, csv_label, dataset_type, category_2, category_1))
-        metadata = pd.DataFrame(rows, columns=["X_ray_image_name", "Label", "Dataset_type",
-                                               "Label_2_Virus_category", "Label_1_Virus_category"])
-        metadata.to_csv(os.path.join(staging, data.METADATA_CSV))  # keeps the unnamed index column
+        for image in _draw_all(num_train, num_test, seed, min_size, max_size):
+            relative = writer.place(image)
+            if relative is None:
+                continue  # drawn all the same, so the images after it are those of every layout
+            path = os.path.join(staging, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _save(image.pixels, path, image.kind)
+        writer.finish(staging)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -288,7 +288,10 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
                "export_and_evaluate": time.perf_counter() - start}
     report = {
         "synthetic_data": prepared.data.synthetic,
-        "data_dir": os.path.abspath(prepared.data.data_dir),
+        "data_dirs": [os.path.abspath(path) for path in prepared.data.data_dirs],
+        "data_csv": None if config.data_csv is None else os.path.abspath(config.data_csv),
+        "sources": {name: {**source, "images": index.source_counts()[name]} for name, source in index.sources.items()},
+        "absent_classes": list(index.absent_classes),
         "task": config.task,
         "classes": list(index.class_names),
         "images": {split: index.class_counts(split) for split in data.SPLITS},
@@ -311,7 +314,7 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     summary = ", ".join(f"{split} accuracy {r['accuracy']:.3f}" for split, r in split_reports.items())
     logger.info("Best epoch %d of %d (by %s): %s", trained.best_epoch, trained.epochs_run, config.select_by, summary)
     if prepared.data.synthetic:
-        logger.warning(preflight.SYNTHETIC_WARNING.format(path=prepared.data.data_dir))
+        logger.warning(preflight.SYNTHETIC_WARNING.format(path=prepared.data.data_dirs[0]))
     return run_dir
 
 

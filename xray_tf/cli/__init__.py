@@ -133,6 +133,8 @@ def define_config_flags(config_class: type) -> None:
         help_text, choices, default = field.metadata["help"], field.metadata["choices"], field.default
         if choices is not None:
             flags.DEFINE_enum(field.name, default, list(choices), help_text)
+        elif isinstance(default, tuple):  # a setting given once per value
+            flags.DEFINE_multi_string(field.name, list(default) or None, help_text)
         elif isinstance(default, bool):
             flags.DEFINE_bool(field.name, default, help_text)
         elif isinstance(default, int):

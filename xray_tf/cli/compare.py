@@ -17,7 +17,7 @@ from absl import app, flags
 from xray_tf import cli
 from xray_tf.config import COMPILATION_CACHE_AUTO, EVALUATION_SPLITS, ConfigError
 
-flags.DEFINE_string("data_dir", None, "CoronaHack folder both runs are evaluated on (default: each run's own; "
+flags.DEFINE_string("data_dir", None, "Dataset folder both runs are evaluated on (default: each run's own; "
                     "give one when their data folders differ).")
 flags.DEFINE_enum("split", "test", list(EVALUATION_SPLITS), "test: the TEST split, the same for every run; val: "
                   "the runs' validation split, comparable only when both drew it with the same settings.")

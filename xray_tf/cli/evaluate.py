@@ -19,11 +19,13 @@ from xray_tf.config import COMPILATION_CACHE_AUTO, EVALUATION_SPLITS, TTA_MODES,
 
 flags.DEFINE_multi_string("run_dir", None, "Run directory written by xray-train; several: evaluate their ensemble "
                           "(mean probabilities) and each member.", required=True)
-flags.DEFINE_string("data_dir", None, "CoronaHack folder to evaluate on (default: the run's own).")
+flags.DEFINE_string("data_dir", None, "Dataset folder to evaluate on, its layout detected (default: the run's own "
+                    "datasets, read as in training).")
 flags.DEFINE_enum("split", "test", list(EVALUATION_SPLITS), "test: the TEST split (absent from the shared copy); "
                   "val: the run's validation split.")
-flags.DEFINE_string("eval_data", None, "A labelled folder from elsewhere, in the --extra_data layout (metadata.csv "
-                    "with X_ray_image_name,Label, and images/), evaluated whole as split 'eval' instead of --split.")
+flags.DEFINE_string("eval_data", None, "A labelled folder from elsewhere in any layout (a folder per class, "
+                    "Kermany's, a CSV of path,label, or --extra_data's metadata.csv with images/), its labels mapped "
+                    "as in training, evaluated whole as split 'eval' instead of --split.")
 flags.DEFINE_string("output_dir", None, "Where the report goes (default: the run directory; needed for an ensemble).")
 flags.DEFINE_enum("tta", "none", list(TTA_MODES), "Test-time augmentation, averaged over the views: none; flip: "
                   "the image and its mirror image; flip_rotate: those and the image rotated by +-10 degrees.")

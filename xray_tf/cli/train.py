@@ -6,6 +6,7 @@ Examples::
     xray-train --experiment=pdcxfl --data_dir=PATH/TO/CORONAHACK
     xray-train --flagfile=flags/prfl.cfg --data_dir=PATH/TO/CORONAHACK
     xray-train --data_dir=PATH/TO/CORONAHACK --check_data     # check every file, train nothing
+    xray-train --data_dir=PATH/TO/chest_xray --data_dir=MY_FOLDERS  # Kermany's layout and a folder per class
     xray-train --flagfile=saved_models/RUN/flags.txt --resume  # continue a killed run
 
 The flags are ``TrainConfig``'s fields (``xray_tf.config``), generated from it.

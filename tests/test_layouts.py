@@ -267,6 +267,7 @@ def test_every_layout_round_trips_to_the_same_classes_and_counts(synthetic_layou
     assert per_class(indexes["folders"]) == per_class(indexes["csv"]) == reference
     without_covid = {part: {k: v for k, v in counts.items() if k != "COVID-19"} for part, counts in reference.items()}
     assert per_class(indexes["kermany"]) == without_covid and indexes["kermany"].absent_classes == ("COVID-19",)
+    assert not indexes["kermany"].frame["patient"].str.contains(":file:").any()  # every name gives its patient
     for index in indexes.values():
         sides = index.frame[index.frame["split"] != "test"].groupby("patient")["split"].nunique()
         assert sides.max() == 1

@@ -30,7 +30,7 @@ from xray_tf.config import ConfigError
 # Kermany's names: the id is the person or the series; image numbers and ``_1`` copies are not.
 _PERSON = r"(?P<person>person\d+)_(?:bacteria|virus)_\d+(?:_\d+)?"
 _SERIES = r"(?P<series>(?:NORMAL2-)?IM-\d{4})-\d{4}(?:-\d{4})?"
-_NAMED = rf"^(?:{_PERSON}|{_SERIES})\.jpe?g$"
+_NAMED = rf"^(?:{_PERSON}|{_SERIES})\.(?:jpe?g|png)$"  # Kermany names JPEGs; a converted copy may hold PNGs
 # Suffixes that tell panels or days of one publication figure apart.
 _EXTENSION = r"\.(?:jpe?g|png)$"
 _DAY = r"[-_]day\d+$"

@@ -1,6 +1,6 @@
 """A synthetic stand-in for the CoronaHack dataset, in CoronaHack's and three other layouts.
 
-``xray-synthetic --out DIR`` writes all four classes, imbalanced like the real CoronaHack TRAIN
+``xray-synthetic --out DIR [--format=LAYOUT]`` writes all four classes, imbalanced like the real CoronaHack TRAIN
 split (COVID-19 rare). Images are drawn chest-like phantoms of varied size, grey or RGB, JPEG or
 8/16-bit PNG, so the demo and the tests exercise the same decoding as real downloads. Each class
 has its own structure a CNN can learn:
@@ -10,15 +10,14 @@ has its own structure a CNN can learn:
 * Virus: diffuse bilateral streaks around the hila (interstitial pattern);
 * COVID-19: several soft, peripheral patches low in both lungs (ground-glass opacities).
 
-The same seed draws the same images in every layout (``LAYOUTS``); only where they go and their
-names differ, so layouts can be compared by counts. ``coronahack`` is the Kaggle download:
-``Chest_xray_Corona_Metadata.csv`` and ``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/``,
-plus two Stress-Smoking rows that belong to no class. ``kermany`` is Kermany et al.'s download,
-``{train,val,test}/{NORMAL,PNEUMONIA}/`` with ``person{P}_bacteria_{N}``, ``person{P}_virus_{N}`` and
-``IM-{S}-{K}`` names (no COVID-19; the first two TRAIN images of a class form val). ``folders`` is a
-folder per class in ``{train,test}/``; ``csv`` is ``labels.csv`` (``path,label,split,patient_id``)
-beside ``images/``. Every two consecutive images of a class and split are one patient where the
-layout can say so (``kermany``, ``csv``); only ``coronahack`` has Stress-Smoking images.
+Four layouts (``LAYOUTS``) hold the same images for the same seed, only placed and named apart, so
+they compare by counts: ``coronahack``, Kaggle's download (``Chest_xray_Corona_Metadata.csv`` and
+``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/``, plus two Stress-Smoking
+rows of no class); ``kermany``, Kermany et al.'s ``{train,val,test}/{NORMAL,PNEUMONIA}/`` (no COVID-19;
+val is the first two TRAIN images of a class; ``person{P}_bacteria_{N}``, ``person{P}_virus_{N}`` and
+``IM-{S}-{K}`` names); ``folders``, ``{train,test}/<class>/``; ``csv``, ``labels.csv``
+(``path,label,split,patient_id``) beside ``images/``. Where a layout names patients, two consecutive
+images of a class and split are one.
 
 It is no substitute for real X-rays: use it to check that the tooling works, never to judge a model.
 """
@@ -155,7 +154,18 @@ class _PatientNumbers:
         return self._last[numbering]
 
 
-class _CoronaHack:
+class _Layout:
+    """Where each drawn image goes, and what is written once all are."""
+
+    def place(self, image: _Drawn) -> str | None:
+        """The path of ``image`` inside the dataset, or None where the layout has no place for it."""
+        raise NotImplementedError
+
+    def finish(self, root: str) -> None:
+        """Write the metadata into ``root``; by default none, as the folders are the labels."""
+
+
+class _CoronaHack(_Layout):
     """Kaggle's CoronaHack download: the metadata CSV and one folder per split."""
 
     def __init__(self) -> None:
@@ -172,7 +182,7 @@ class _CoronaHack:
         metadata.to_csv(os.path.join(root, layouts.METADATA_CSV))  # keeps the unnamed index column
 
 
-class _Kermany:
+class _Kermany(_Layout):
     """Kermany et al.'s download: ``{train,val,test}/{NORMAL,PNEUMONIA}/`` with patients in the names."""
 
     _FOLDERS = {"Normal": "NORMAL", "Bacteria": "PNEUMONIA", "Virus": "PNEUMONIA"}  # it has no COVID-19
@@ -199,11 +209,8 @@ class _Kermany:
             name = f"person{patient}_{image.label.lower()}_{self._pneumonia_files}.{image.extension}"
         return os.path.join(split, folder, name)
 
-    def finish(self, root: str) -> None:
-        pass  # the folders are the labels
 
-
-class _Folders:
+class _Folders(_Layout):
     """A folder per class inside ``train/`` and ``test/``."""
 
     def place(self, image: _Drawn) -> str | None:
@@ -211,11 +218,8 @@ class _Folders:
             return None
         return os.path.join(image.split.lower(), image.label, image.name)
 
-    def finish(self, root: str) -> None:
-        pass  # the folders are the labels
 
-
-class _Csv:
+class _Csv(_Layout):
     """``labels.csv`` (``path,label,split,patient_id``) beside ``images/``."""
 
     def __init__(self) -> None:
@@ -235,7 +239,7 @@ class _Csv:
         labels.to_csv(os.path.join(root, "labels.csv"), index=False)
 
 
-_LAYOUTS = {"coronahack": _CoronaHack, "kermany": _Kermany, "folders": _Folders, "csv": _Csv}
+_LAYOUTS: dict[str, type[_Layout]] = {"coronahack": _CoronaHack, "kermany": _Kermany, "folders": _Folders, "csv": _Csv}
 LAYOUTS = tuple(_LAYOUTS)
 
 

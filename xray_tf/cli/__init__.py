@@ -33,7 +33,7 @@ COMMANDS = {
     "compare": ("xray_tf.cli.compare", "compare two runs on the same images, with paired intervals"),
     "report": ("xray_tf.cli.report", "write a run's self-contained report.html"),
     "convert-chexnet": ("xray_tf.cli.convert_chexnet", "convert CheXNet's PyTorch checkpoint to Keras weights"),
-    "synthetic": ("xray_tf.cli.synthetic", "write a synthetic CoronaHack-layout dataset"),
+    "synthetic": ("xray_tf.cli.synthetic", "write a synthetic dataset (CoronaHack, Kermany, folders or CSV layout)"),
 }
 
 # What TensorFlow's shared libraries print while they load, before any Python code can configure

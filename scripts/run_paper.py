@@ -4,7 +4,7 @@ Reproduces the paper's experiments in one command: each flagfile ``flags/<name>.
 Table 1 experiments (prce, prcw, prfl, pdcxce, pdcxfl, rce) is trained once per seed, each run is
 evaluated, and the table and figures are written, all into one results directory::
 
-    DIR/<name>_seed<S>/           a run directory (xray-train), evaluated on --evaluate_splits
+    DIR/<name>_seed<S>/           a run directory (xray-train), evaluated on --evaluate_splits (as xray-evaluate)
     DIR/<name>_extra_seed<S>/     with --with_extra: the same plus --extra_data (the paper's Table 2)
     DIR/logs/<run>.log            the output of that run's commands
     DIR/table.md, .csv, _runs.csv scripts/results_table.py over every run
@@ -28,7 +28,10 @@ relative --chexnet_weights is read from the working directory, as xray-train rea
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -37,7 +40,7 @@ import time
 from absl import app, flags
 
 from xray_tf import cli, reports, rundir, synthetic
-from xray_tf.config import EVALUATION_SPLITS, FLAGS_DIR, ConfigError, TrainConfig
+from xray_tf.config import COMPILATION_CACHE_AUTO, EVALUATION_SPLITS, FLAGS_DIR, ConfigError, TrainConfig
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Folder for every run, log, table and figure.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each experiment is trained once per seed.")
@@ -49,8 +52,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "CoronaHack folder; omitted: t
 _EXTRA_DATA = flags.DEFINE_string("extra_data", None,
                                   "Extra COVID-19 images (metadata.csv, images/), for --with_extra.")
 _WITH_EXTRA = flags.DEFINE_bool("with_extra", False, "Also run every experiment with --extra_data (Table 2).")
-_EVALUATE_SPLITS = flags.DEFINE_list("evaluate_splits", ["val"], "Splits to run xray-evaluate on "
-                                     "after each run (val, test; empty for none).")
+_EVALUATE_SPLITS = flags.DEFINE_list("evaluate_splits", ["val"], "Splits to evaluate each run on after it "
+                                     "trained, as xray-evaluate does (val, test; empty for none).")
 _SKIP_MISSING_CHEXNET = flags.DEFINE_bool("skip_missing_chexnet", False, "Skip (and list) the CheXNet experiments "
                                           "when their --chexnet_weights file is missing, instead of stopping.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and the commands; run nothing.")
@@ -154,9 +157,51 @@ def _run_logged(command: list[str], log_path: str) -> None:
         log.flush()
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:
-        with open(log_path) as log:
-            tail = "".join(log.readlines()[-25:])
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {returncode}); end of {log_path}:\n{tail}")
+        raise _failure(f"{' '.join(command[:3])} ... failed (exit {returncode})", log_path)
+
+
+def _failure(what: str, log_path: str) -> RuntimeError:
+    """The error of a step that failed: ``what`` happened, and the last lines of its log."""
+    with open(log_path) as log:
+        tail = "".join(log.readlines()[-25:])
+    return RuntimeError(f"{what}; end of {log_path}:\n{tail}")
+
+
+def _evaluate_apart(run_dir: str, splits: list[str], log_path: str) -> None:
+    """Evaluate ``run_dir`` on ``splits`` in one fresh process, its output appended to ``log_path``.
+
+    A process of its own, as xray-evaluate's would be, so that no hold of TensorFlow or JAX on a GPU
+    outlives it into the next run's training; one for all splits, so that TensorFlow loads once.
+    """
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one's state
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        try:
+            pool.submit(_evaluate, run_dir, splits, log_path).result()
+        except concurrent.futures.BrokenExecutor:  # the process died
+            raise _failure(f"evaluating {run_dir} stopped abruptly (out of memory?)", log_path) from None
+
+
+def _evaluate(run_dir: str, splits: list[str], log_path: str) -> None:
+    """In the evaluating process: ``evaluate_run`` on each split; a failure is a RuntimeError naming run and split."""
+    with open(log_path, "a") as log:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            os.dup2(log.fileno(), stream.fileno())  # TensorFlow's C++ output goes there too
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as xray-evaluate logs
+    with cli.tensorflow_quietly():
+        from xray_tf import compile_cache, evaluate
+    compile_cache.enable(COMPILATION_CACHE_AUTO)  # xray-evaluate's default
+    for split in splits:
+        print(f"$ evaluate {run_dir} on {split} (the run's own data)", flush=True)
+        try:
+            result = evaluate.evaluate_run(run_dir, split)
+        except (ValueError, OSError) as error:  # ConfigError too, which names its flag
+            message = f"evaluating {run_dir} on {split}: {error.as_flag() if isinstance(error, ConfigError) else error}"
+            print(message, file=sys.stderr, flush=True)  # the log says why, as xray-evaluate's would
+            raise RuntimeError(message) from None
+        print(f"{split}: {result['num_images']} images, accuracy {result['accuracy']:.3f}, balanced accuracy "
+              f"{result['balanced_accuracy']:.3f}; wrote {rundir.metrics_of_split(split)} and its figures",
+              flush=True)
 
 
 def _work(run: Run, results_dir: str) -> tuple[bool, list[str]]:
@@ -197,7 +242,6 @@ def main(argv: list[str]) -> None:
 
     logs = os.path.join(results_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    data_args = [f"--data_dir={os.path.abspath(_DATA_DIR.value)}"] if _DATA_DIR.value else []
     try:
         for number, run in enumerate(todo, 1):
             start = time.perf_counter()
@@ -206,10 +250,8 @@ def main(argv: list[str]) -> None:
             log_path = os.path.join(logs, f"{run.name}.log")
             if train:
                 _run_logged([sys.executable, "-m", "xray_tf.train", *run.train_args], log_path)
-            for split in splits:
-                run_dir = os.path.join(results_dir, run.name)
-                _run_logged([sys.executable, "-m", "xray_tf", "evaluate", f"--run_dir={run_dir}", f"--split={split}",
-                             *data_args], log_path)
+            if splits:
+                _evaluate_apart(os.path.join(results_dir, run.name), splits, log_path)
             print(f"[{number}/{len(todo)}] {run.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
         finished = [r for r in runs if not r.skip_reason]

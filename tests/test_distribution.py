@@ -67,7 +67,7 @@ with distribution.activate(name) as setup:
 print("RESULTS", json.dumps({"replicas": setup.replicas, "loss": history.history["loss"]}))
 """
 
-# A whole training run (ResNet50) on 2 mirrored logical CPU devices; prints the run directory.
+# A whole training run (TINY_FLAGS) on 2 mirrored logical CPU devices; prints the run directory.
 _MIRRORED_RUN = """
 import sys
 import tensorflow as tf
@@ -108,18 +108,27 @@ def test_worker_shares_and_replica_pieces_put_together_are_the_global_batches(da
 def test_evaluation_shares_drop_only_the_remainder_of_the_last_batch(datasets):
     whole = np.concatenate([images for images, _ in datasets.evaluation["val"].as_numpy_iterator()])
     # 4 replicas on 2 workers: full batches of 8 stay whole, the last is cut to a multiple of 4.
-    shares = [[i for i, _ in distribution.evaluation_share(datasets.evaluation["val"], worker, 2, 4).as_numpy_iterator()]
-              for worker in (0, 1)]
+    shares = [[i for i, _ in distribution.evaluation_share(datasets.evaluation["val"], worker, 2, 4)
+               .as_numpy_iterator()] for worker in (0, 1)]
     assert len(whole) % 4, "the fixture should leave a remainder to drop"
     kept = len(whole) // 4 * 4
     assert np.array_equal(np.concatenate([np.concatenate(pair) for pair in zip(*shares)]), whole[:kept])
 
 
-def _python(code: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO_ROOT, **(env or {})}, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def _start(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code args...`` started in the repository root; ``_output`` waits for it."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+
+
+def _output(process: subprocess.Popen) -> str:
+    """The standard output of ``process``, once it has exited successfully."""
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        process.kill()  # a no-op once it has exited
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def _tagged(output: str, tag: str) -> str:
@@ -128,9 +137,14 @@ def _tagged(output: str, tag: str) -> str:
 
 @pytest.mark.slow
 def test_mirrored_replicas_follow_the_single_device_trajectory(tiny_dataset):
-    one, synchronized, per_replica = (json.loads(_tagged(_python(_TRAJECTORIES, tiny_dataset, *variant).stdout,
-                                                         "RESULTS"))
-                                      for variant in (("none", "-"), ("mirrored", "synchronized"), ("mirrored", "-")))
+    variants = [("none", "-"), ("mirrored", "synchronized"), ("mirrored", "-")]
+    # All three at once: each is single-threaded for most of its start-up.
+    processes = [_start(_TRAJECTORIES, tiny_dataset, *variant) for variant in variants]
+    try:
+        one, synchronized, per_replica = (json.loads(_tagged(_output(process), "RESULTS")) for process in processes)
+    finally:
+        for process in processes:  # the others, when one failed
+            process.kill()
     results = {"one device": one, "synchronized": synchronized, "per replica": per_replica}
     assert (one["replicas"], synchronized["replicas"]) == (1, 2)
     # Stated tolerance: 1e-4 relative, float32 reduction order being the only difference.
@@ -141,9 +155,9 @@ def test_mirrored_replicas_follow_the_single_device_trajectory(tiny_dataset):
 
 @pytest.mark.slow
 def test_a_mirrored_run_writes_a_complete_portable_run_directory(tiny_dataset, tmp_path):
-    result = _python(_MIRRORED_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}", "--run_name=mirrored",
-                     "--distribution=mirrored", "--scale_lr_with_batch", *TINY_FLAGS)
-    run_dir = _tagged(result.stdout, "RUN")
+    run_dir = _tagged(_output(_start(_MIRRORED_RUN, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path}",
+                                     "--run_name=mirrored", "--distribution=mirrored", "--scale_lr_with_batch",
+                                     *TINY_FLAGS)), "RUN")
     metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
     assert metrics["distribution"] == {"name": "mirrored", "replicas": 2, "workers": 1, "learning_rate": 2e-3}
     # Saved with BatchNorm unsynchronised (the JAX backend refuses synchronized=True), trained with it.
@@ -197,7 +211,8 @@ def test_bad_distribution_settings_fail_before_any_data_is_read(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="needs the cluster"):
         distribution.cluster_from_tf_config()
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}))
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]},
+                                                "task": {"type": "worker", "index": 3}}))
     with pytest.raises(ValueError, match="does not place this task"):
         distribution.cluster_from_tf_config()
     setup = distribution.Setup("mirrored", replicas=3, workers=1, worker=0, is_chief=True)

@@ -290,7 +290,8 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
         "synthetic_data": prepared.data.synthetic,
         "data_dirs": [os.path.abspath(path) for path in prepared.data.data_dirs],
         "data_csv": None if config.data_csv is None else os.path.abspath(config.data_csv),
-        "sources": {name: {**source, "images": index.source_counts()[name]} for name, source in index.sources.items()},
+        "sources": {name: {**source, "images": images} for (name, source), images in
+                    zip(index.sources.items(), index.source_counts().values())},
         "absent_classes": list(index.absent_classes),
         "task": config.task,
         "classes": list(index.class_names),

@@ -8,7 +8,10 @@
 #   bash benchmarks/bench_gpu.sh DATA_DIR OUT_DIR [STEP ...]
 #   steps: e2e_resnet50 step_resnet50 step_resnet50_tob step_resnet50_b32 e2e_densenet121 e2e_densenet121_3ep
 #          step_densenet121 overhead_resnet50 pipeline
-#          step_densenet121_autotune1 step_densenet121_autotune0 (these two only when named)
+#          step_densenet121_autotune1 step_densenet121_autotune0 e2e_resnet50_cold (these only when named)
+# The train steps time Keras against PyTorch eager and torch.compile; the end-to-end steps run the
+# PyTorch recipe (benchmarks/end_to_end_torch.py) after the Keras runs, on the same card in the same call.
+# What fits one 10-minute call: step_resnet50 e2e_resnet50_cold step_densenet121.
 # DATA_DIR is the CoronaHack folder; the pipeline step also reads DATA_DIR/../fullres, which the
 # staging's c3 part does not hold: copy ../shared/data/fullres into an ignored folder (e.g. .gpu/fullres)
 # and carry it in a call of its own, since together with c3 the tree is over the 64 MiB a call carries.
@@ -33,23 +36,25 @@ step() {  # step NAME SECONDS COMMAND...: if NAME was asked for, run it with a t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/device.txt"
 nproc >>"$out/device.txt"
 # End to end: a cold run (empty compilation cache), then the same run with the cache it filled.
-step e2e_resnet50 300 python3 -m benchmarks.end_to_end --model=resnet50 --data_dir="$data_dir" \
-  --output_dir=/tmp/runs --warm_rerun
-step step_resnet50 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=128 \
-  --precision=bfloat16 --steps=20 --repeats=3
+step e2e_resnet50 420 python3 -m benchmarks.end_to_end --model=resnet50 --data_dir="$data_dir" \
+  --output_dir=/tmp/runs --warm_rerun --torch_reference
+step e2e_resnet50_cold 270 python3 -m benchmarks.end_to_end --model=resnet50 --data_dir="$data_dir" \
+  --output_dir=/tmp/runs_cold --torch_reference
+step step_resnet50 170 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=128 \
+  --precision=bfloat16 --steps=20 --repeats=3 --torch=eager --torch=compile
 # The same with Keras driven by train_on_batch, which waits for every step.
 step step_resnet50_tob 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3 --keras_loop=train_on_batch
 # The end-to-end batch size: the step time a 20-epoch run can at best reach.
 step step_resnet50_b32 90 python3 -m benchmarks.train_step --model=resnet50 --image_size=224 --batch_size=32 \
   --precision=bfloat16 --steps=40 --repeats=3
-step e2e_densenet121 450 python3 -m benchmarks.end_to_end --model=densenet121 --data_dir="$data_dir" \
-  --output_dir=/tmp/runs --warm_rerun
+step e2e_densenet121 600 python3 -m benchmarks.end_to_end --model=densenet121 --data_dir="$data_dir" \
+  --output_dir=/tmp/runs --warm_rerun --torch_reference
 # A cold DenseNet121 run cut to 3 epochs: its start-up, compile, finish and median epoch in the time
 # one command may take; the 20-epoch total is then about total + 17 x median epoch.
 step e2e_densenet121_3ep 240 python3 -m benchmarks.end_to_end --model=densenet121 --data_dir="$data_dir" \
   --output_dir=/tmp/runs3 -- --epochs=3
-step step_densenet121 100 python3 -m benchmarks.train_step --model=densenet121 --image_size=224 --batch_size=128 \
+step step_densenet121 130 python3 -m benchmarks.train_step --model=densenet121 --image_size=224 --batch_size=128 \
   --precision=bfloat16 --steps=20 --repeats=3
 # DenseNet121 with less convolution autotuning, trading compile time against img/s: XLA's default
 # level 4 times every candidate algorithm on initialised, checked buffers; level 1 times them on

@@ -30,9 +30,11 @@ the first epoch, ``fit`` less "training" less "after fit", lacks them.
 
 The first run compiles into an empty ``--compilation_cache`` (a cold start, whatever the user's
 own cache holds); ``--warm_rerun`` then repeats the same run with that cache filled, which is
-what every later run of the same model and shapes costs on the JAX backend.
+what every later run of the same model and shapes costs on the JAX backend. ``--torch_reference``
+then runs the same recipe in PyTorch (``benchmarks/end_to_end_torch.py``) in a fresh process too,
+timed the same way, and prints its row beside them: both sides on one machine in one call.
 
-    python -m benchmarks.end_to_end --model=resnet50 --data_dir=PATH/TO/CORONAHACK --warm_rerun
+    python -m benchmarks.end_to_end --model=resnet50 --data_dir=PATH/TO/CORONAHACK --warm_rerun --torch_reference
     python -m benchmarks.end_to_end --model=densenet121 --data_dir=... -- --epochs=2
 """
 
@@ -56,6 +58,7 @@ flags.DEFINE_string("model", "resnet50", "The model to train (a TrainConfig.mode
 flags.DEFINE_string("data_dir", None, "The CoronaHack folder.")
 flags.DEFINE_string("output_dir", None, "Where the run directories go (default: a temporary one).")
 flags.DEFINE_bool("warm_rerun", False, "Run a second time with the compilation cache the first run filled.")
+flags.DEFINE_bool("torch_reference", False, "Then run the recipe in PyTorch (benchmarks/end_to_end_torch.py).")
 flags.DEFINE_string("child_report", None, "Set by this script for the process it starts: train in this process "
                     "and write the run directory and the FitClock split of training.run's time to this JSON file.")
 flags.mark_flag_as_required("data_dir")
@@ -91,6 +94,34 @@ def time_run(output_dir: str, run_name: str, cache_dir: str, extra_flags: list[s
     wall = time.perf_counter() - start
     with open(report_path) as handle:
         return wall, json.load(handle)
+
+
+def time_torch_run(output_dir: str, extra_flags: list[str]) -> dict[str, float]:
+    """The PyTorch recipe in a fresh process; its wall time split like ``split_wall_time``'s."""
+    report_path = os.path.join(output_dir, f"torch_{FLAGS.model}_report.json")
+    command = [sys.executable, "-m", "benchmarks.end_to_end_torch", f"--model={FLAGS.model}",
+               f"--data_dir={FLAGS.data_dir}", f"--output_dir={output_dir}", f"--report={report_path}", "--",
+               *extra_flags]
+    print(" ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    wall = time.perf_counter() - start
+    with open(report_path) as handle:
+        report = json.load(handle)
+    seconds, epochs = report["seconds"], report["epoch_seconds"]
+    typical = statistics.median(epochs)
+    first_epoch_extra = max(epochs[0] - typical, 0.0)  # cuDNN's autotuning and the workers' start
+    print(f"PyTorch val balanced accuracy {report['val_balanced_accuracy']:.3f}", flush=True)
+    return {"total": wall, "start-up": wall - seconds["decode_and_cache"] - seconds["fit"] - seconds["finish"],
+            "input": seconds["decode_and_cache"], "compile": first_epoch_extra,
+            "steps": seconds["fit"] - first_epoch_extra, "after fit": 0.0, "finish": seconds["finish"],
+            "epochs": len(epochs), "median_epoch": typical}
+
+
+def table_row(side: str, parts: dict[str, float]) -> str:
+    return (f"| {FLAGS.model} | {side} | {parts['epochs']} | {parts['total']:.1f} | {parts['start-up']:.1f} "
+            f"| {parts['input']:.1f} | {parts['compile']:.1f} | {parts['steps']:.1f} | {parts['after fit']:.1f} "
+            f"| {parts['finish']:.1f} | {parts['median_epoch']:.2f} |")
 
 
 def split_wall_time(wall: float, report: dict) -> dict[str, float]:
@@ -129,10 +160,10 @@ def main(argv: list[str]) -> None:
         wall, report = time_run(output_dir, f"bench_{FLAGS.model}_{cache}", cache_dir, argv[1:])
         parts = split_wall_time(wall, report)
         print(rundir.read_history(report["run_dir"]).to_csv(index=False), flush=True)  # the epochs, into the log
-        rows.append(f"| {FLAGS.model} | {cache} | {parts['epochs']} | {parts['total']:.1f} | {parts['start-up']:.1f} "
-                    f"| {parts['input']:.1f} | {parts['compile']:.1f} | {parts['steps']:.1f} | {parts['after fit']:.1f} "
-                    f"| {parts['finish']:.1f} | {parts['median_epoch']:.2f} |")
-    print("| model | compilation cache | epochs | total s | start-up s | input s | compile s | steps s | after fit s "
+        rows.append(table_row(f"Keras, {cache} compilation cache", parts))
+    if FLAGS.torch_reference:
+        rows.append(table_row("PyTorch", time_torch_run(output_dir, argv[1:])))
+    print("| model | side | epochs | total s | start-up s | input s | compile s | steps s | after fit s "
           "| finish s | median epoch s |")
     print("\n".join(rows))
 

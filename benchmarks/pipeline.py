@@ -1,18 +1,26 @@
 """Input pipeline throughput: xray_tf's tf.data pipeline against a PyTorch DataLoader doing the same work.
 
-Both sides read the same files, decode to one grey channel, resize to --image_size (bilinear with
-antialiasing), draw a class-balanced epoch (PyTorch: WeightedRandomSampler with reciprocal-count
-weights), flip horizontally and vertically with p=0.5 each, rotate within +-15 degrees with p=0.3,
-and deliver uint8 batches. PyTorch uses --workers DataLoader workers; tf.data uses AUTOTUNE on the
-same cores. The two sides run interleaved (ours, theirs, ours, theirs, ...) so that drifting machine
-load hits both; the script reports medians and their ratio.
+Both sides draw a class-balanced epoch, flip horizontally and vertically with p=0.5 each, rotate
+within +-15 degrees with p=0.3 (bilinear) and deliver uint8 batches to a loop that calls
+``.numpy()`` on each. Sampling: the DataLoader uses ``WeightedRandomSampler`` with reciprocal-count
+weights, with replacement; ours picks each row's class with the same equal probabilities and draws
+without replacement within a class (a cost of microseconds an epoch either way). The DataLoader
+has --workers workers (persistent, so later epochs reuse them); tf.data uses AUTOTUNE on the same
+cores. The sides run interleaved (ours, theirs, ours, ...) so that drifting machine load hits
+both; the script reports medians and their ratios.
 
-Two measurements:
+Three comparisons:
 * first epoch: ``../shared/data/fullres`` (40 full-resolution JPEG/PNG files of 440-2500 px, grey
-  and RGB) repeated to --decode_files paths; ours = the one decode+check+cache pass that training
-  makes before its first epoch, then one epoch;
-* cached epochs: ``../shared/data/coronahack`` TRAIN split; ours reads the uint8 cache, PyTorch
-  decodes every image every epoch (what a DataLoader does without extra code).
+  and RGB) repeated to --decode_files paths, each side started cold: ours, the one
+  decode+check+cache pass that training makes before its first epoch, then one epoch; theirs, a
+  new DataLoader's first epoch (worker start included), decoding and resizing with PIL;
+* cached epoch against decoding: the CoronaHack TRAIN split at --image_size; ours reads its uint8
+  cache, the DataLoader decodes and resizes every file every epoch (what it does without extra code);
+* cached epoch against a cached DataLoader: the same, but the DataLoader indexes the very uint8
+  array our decode pass produced (shared with its forked workers), so both sides do only
+  sampling, augmentation and batching.
+In both cached comparisons each side runs one untimed epoch first (ours: tracing; theirs: worker
+start), then one timed epoch.
 
     python -m benchmarks.pipeline --repeats=3
 """
@@ -23,12 +31,17 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from absl import app, flags
 
 from xray_tf import cli
+
+if TYPE_CHECKING:
+    from xray_tf.image_cache import DecodedImages
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,8 +55,9 @@ flags.DEFINE_integer("repeats", 3, "Interleaved repeats per side.")
 FLAGS = flags.FLAGS
 
 
-def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, first_epoch: bool) -> float:
-    """Seconds for one training epoch of xray_tf's pipeline (including the decode pass if ``first_epoch``).
+def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int,
+                         decoded: DecodedImages | None) -> float:
+    """Seconds for one epoch of xray_tf's pipeline; without ``decoded``, the decode pass is timed too.
 
     The decode pass is the one a training run makes: every file decoded once, checked and kept as the
     in-memory cache (``image_cache.decode_images``, as ``preflight.prepare_data`` calls it).
@@ -52,25 +66,45 @@ def tfdata_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, 
 
     settings = pipeline.PipelineSettings(image_size=image_size, batch_size=batch_size, cache="memory")
     datasets = pipeline.build_datasets(frame, int(frame["label_index"].max()) + 1, settings)
-    if not first_epoch:  # decode outside the clock, then time a cached epoch after a warm-up one
-        pipeline.fill_caches(datasets, log_every_s=1e9)
+    if decoded is not None:  # cached: a warm-up epoch traces the augmentation outside the clock
+        pipeline.fill_caches(datasets, decoded)
         for _ in datasets.epochs(0, 1):
             pass
     start = time.perf_counter()
-    if first_epoch:
-        decoded = image_cache.decode_images(frame["path"], image_size, "memory", log_every_s=1e9)
-        pipeline.fill_caches(datasets, decoded)
+    if decoded is None:
+        pipeline.fill_caches(datasets, image_cache.decode_images(frame["path"], image_size, "memory", log_every_s=1e9))
     for images, _ in datasets.epochs(1, 2):
         images.numpy()
     return time.perf_counter() - start
 
 
-def torch_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, workers: int) -> float:
-    """Seconds for one epoch of a PyTorch DataLoader doing the same decode, sampling and augmentation."""
+def _augmented(image):
+    """The pipeline's flips (p=0.5 each) and rotation (p=0.3, +-15 degrees, bilinear) on a PIL image.
+
+    Python's random module: the DataLoader reseeds it in every worker (NumPy's it does not).
+    """
+    from PIL import Image
+
+    if random.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if random.random() < 0.5:
+        image = image.transpose(Image.FLIP_TOP_BOTTOM)
+    if random.random() < 0.3:
+        image = image.rotate(random.uniform(-15, 15), resample=Image.BILINEAR)
+    return image
+
+
+def torch_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, workers: int,
+                        cached: np.ndarray | None, warm: bool) -> float:
+    """Seconds for one DataLoader epoch, decoding every file or indexing ``cached`` (``frame``'s rows in order).
+
+    ``warm``: the timed epoch is the second of two on persistent workers; else the DataLoader is new
+    and its workers start inside the clock, as in a run's first epoch.
+    """
     import torch
     from PIL import Image
 
-    class XrayFiles(torch.utils.data.Dataset):
+    class XrayImages(torch.utils.data.Dataset):
         def __init__(self, paths: list[str], labels: list[int]):
             self.paths, self.labels = paths, labels
 
@@ -78,23 +112,22 @@ def torch_epoch_seconds(frame: pd.DataFrame, image_size: int, batch_size: int, w
             return len(self.paths)
 
         def __getitem__(self, i: int):
-            image = Image.open(self.paths[i]).convert("L").resize((image_size, image_size), Image.BILINEAR)
-            # Python's random module: DataLoader reseeds it in every worker (NumPy's it does not).
-            if random.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            if random.random() < 0.5:
-                image = image.transpose(Image.FLIP_TOP_BOTTOM)
-            if random.random() < 0.3:
-                image = image.rotate(random.uniform(-15, 15), resample=Image.BILINEAR)
-            return torch.from_numpy(np.asarray(image)[:, :, None].copy()), self.labels[i]
+            if cached is None:
+                image = Image.open(self.paths[i]).convert("L").resize((image_size, image_size), Image.BILINEAR)
+            else:
+                image = Image.fromarray(cached[i, :, :, 0])
+            return torch.from_numpy(np.asarray(_augmented(image))[:, :, None].copy()), self.labels[i]
 
     labels = frame["label_index"].to_numpy()
     weights = 1.0 / np.bincount(labels)[labels]
     sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(frame), replacement=True)
     loader = torch.utils.data.DataLoader(
-        XrayFiles(list(frame["path"]), list(labels)), batch_size=batch_size, sampler=sampler,
-        num_workers=workers, persistent_workers=False,
+        XrayImages(list(frame["path"]), list(labels)), batch_size=batch_size, sampler=sampler,
+        num_workers=workers, persistent_workers=workers > 0,
     )
+    if warm:
+        for _ in loader:
+            pass
     start = time.perf_counter()
     for images, _ in loader:
         images.numpy()
@@ -120,29 +153,44 @@ def cached_frame(shared: str) -> pd.DataFrame:
     return index.frame[index.frame["split"] == "train"]
 
 
-def compare(name: str, frame: pd.DataFrame, first_epoch: bool) -> dict:
-    """Both sides on ``frame``, interleaved ``--repeats`` times: their median rates and the ratio."""
-    ours, theirs = [], []
+def compare(name: str, frame: pd.DataFrame, ours: Callable[[], float], theirs: Callable[[], float]) -> dict:
+    """``ours()`` and ``theirs()`` (epoch seconds over ``frame``), interleaved: median rates and the ratio."""
+    our_seconds, their_seconds = [], []
     for repeat in range(FLAGS.repeats):
-        ours.append(tfdata_epoch_seconds(frame, FLAGS.image_size, FLAGS.batch_size, first_epoch))
-        theirs.append(torch_epoch_seconds(frame, FLAGS.image_size, FLAGS.batch_size, FLAGS.workers))
-        print(f"  {name} repeat {repeat + 1}: tf.data {len(frame) / ours[-1]:.0f} img/s, "
-              f"PyTorch DataLoader {len(frame) / theirs[-1]:.0f} img/s", flush=True)
-    ours_rate, theirs_rate = len(frame) / statistics.median(ours), len(frame) / statistics.median(theirs)
-    return {"benchmark": name, "images": len(frame), "tf.data img/s": round(ours_rate),
-            "DataLoader img/s": round(theirs_rate), "ratio": round(ours_rate / theirs_rate, 2)}
+        our_seconds.append(ours())
+        their_seconds.append(theirs())
+        print(f"  {name} repeat {repeat + 1}: tf.data {len(frame) / our_seconds[-1]:.0f} img/s, "
+              f"PyTorch DataLoader {len(frame) / their_seconds[-1]:.0f} img/s", flush=True)
+    ours_rate, theirs_rate = len(frame) / statistics.median(our_seconds), len(frame) / statistics.median(their_seconds)
+    spread = "/".join(f"{len(frame) / seconds:.0f}" for seconds in our_seconds)
+    their_spread = "/".join(f"{len(frame) / seconds:.0f}" for seconds in their_seconds)
+    return {"benchmark": name, "images": len(frame), "tf.data img/s": f"{ours_rate:.0f} ({spread})",
+            "DataLoader img/s": f"{theirs_rate:.0f} ({their_spread})", "ratio": round(ours_rate / theirs_rate, 2)}
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    print(f"{os.cpu_count()} CPU cores, {FLAGS.workers} DataLoader workers, {FLAGS.image_size} px, "
-          f"batch {FLAGS.batch_size}, {FLAGS.repeats} interleaved repeats", flush=True)
+    from xray_tf import image_cache
+
+    size, batch, workers = FLAGS.image_size, FLAGS.batch_size, FLAGS.workers
+    print(f"{os.cpu_count()} CPU cores, {workers} DataLoader workers, {size} px, batch {batch}, "
+          f"{FLAGS.repeats} interleaved repeats", flush=True)
+    full = decode_frame(FLAGS.shared, FLAGS.decode_files)
+    train = cached_frame(FLAGS.shared)
+    decoded = image_cache.decode_images(train["path"], size, "memory", log_every_s=1e9)
     rows = [
-        compare("first epoch (decode full-res)", decode_frame(FLAGS.shared, FLAGS.decode_files), True),
-        compare("cached epoch (CoronaHack train)", cached_frame(FLAGS.shared), False),
+        compare("first epoch (decode full-res)", full, lambda: tfdata_epoch_seconds(full, size, batch, None),
+                lambda: torch_epoch_seconds(full, size, batch, workers, None, warm=False)),
+        compare("cached epoch vs DataLoader decoding", train,
+                lambda: tfdata_epoch_seconds(train, size, batch, decoded),
+                lambda: torch_epoch_seconds(train, size, batch, workers, None, warm=True)),
+        compare("cached epoch vs cached DataLoader", train,
+                lambda: tfdata_epoch_seconds(train, size, batch, decoded),
+                lambda: torch_epoch_seconds(train, size, batch, workers, decoded.images, warm=True)),
     ]
-    print("\n| benchmark | images | tf.data img/s | DataLoader img/s | ratio |\n|---|---|---|---|---|")
+    print("\n| benchmark | images | tf.data img/s (repeats) | DataLoader img/s (repeats) | ratio |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(value) for value in row.values()) + " |")
 

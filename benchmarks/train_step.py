@@ -9,10 +9,17 @@ their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
 run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16``.
 
 Both sides queue their steps and wait for the device once per window, as a training loop does:
-PyTorch eager reads the loss after the last step only, and Keras trains with ``fit`` (on a
-resident batch repeated by tf.data; a window is the second of two epochs, so that ``fit``'s own
-set-up is not timed). ``--keras_loop=train_on_batch`` returns each step's loss as a NumPy value,
-so Keras waits for every step while PyTorch does not.
+PyTorch reads the loss after the last step only, and Keras trains with ``fit`` (on a resident
+batch repeated by tf.data; a window is the second of two epochs, so that ``fit``'s own set-up is
+not timed). ``--keras_loop=train_on_batch`` returns each step's loss as a NumPy value, so Keras
+waits for every step while PyTorch does not.
+
+The PyTorch side is set up as a careful PyTorch user would: channels-last, ``cudnn.benchmark``
+and fused Adam on a GPU, and ``--torch=eager,compile`` times it eagerly and under ``torch.compile``
+(each its own model and optimizer), each against the same Keras windows. Its ResNet50 has
+convolution biases like Keras' (``keras.applications`` gives every ResNet50 convolution one,
+although batch norm follows): the script prints both sides' parameter counts, which must be
+equal, so that both do the same arithmetic.
 
     python -m benchmarks.train_step --model=resnet50 --image_size=96 --batch_size=16 --steps=5
 """
@@ -26,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import app, flags
 
+from benchmarks import torch_models
 from xray_tf import cli
 
 flags.DEFINE_enum("model", "resnet50", ["resnet50", "densenet121"], "The network both sides train.")
@@ -36,11 +44,13 @@ flags.DEFINE_integer("repeats", 3, "Timed windows per side, alternating.")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "float32, or mixed bfloat16 on both sides.")
 flags.DEFINE_string("jit_compile", "auto", "Keras compile(jit_compile=...): auto, True or False.")
 flags.DEFINE_enum("keras_loop", "fit", ["fit", "train_on_batch"], "How the Keras side is driven (see above).")
+flags.DEFINE_multi_enum("torch", ["eager"], ["eager", "compile"], "PyTorch sides to time against Keras: eager, "
+                        "torch.compile, or both (--torch=eager --torch=compile).")
 FLAGS = flags.FLAGS
 
 
-def keras_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
-    """Build and compile the Keras side once (two warm-up steps compile it); return its timer."""
+def keras_trainer(images: np.ndarray, labels: np.ndarray) -> tuple[Callable[[], float], int]:
+    """Build and compile the Keras side once (two warm-up steps compile it); its timer and parameter count."""
     import keras
 
     from benchmarks import timing
@@ -53,7 +63,7 @@ def keras_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(), jit_compile=jit_compile)
     if FLAGS.keras_loop == "train_on_batch":
         return _timer("Keras", len(images), lambda: model.train_on_batch(images, labels),
-                      lambda loss: float(np.asarray(loss)))
+                      lambda loss: float(np.asarray(loss))), _trainable_count(model)
 
     import tensorflow as tf
 
@@ -65,7 +75,12 @@ def keras_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]
     def images_per_second() -> float:
         return FLAGS.steps * len(images) / timing.timed_fit(model, batches, FLAGS.steps, epochs=2)[-1]
 
-    return images_per_second
+    return images_per_second, _trainable_count(model)
+
+
+def _trainable_count(model) -> int:
+    """Trainable scalars: what PyTorch's ``parameters()`` counts (batch norm's moving statistics are buffers there)."""
+    return sum(int(np.prod(variable.shape)) for variable in model.trainable_weights)
 
 
 def _timer(side: str, batch_size: int, step: Callable, wait: Callable) -> Callable[[], float]:
@@ -88,61 +103,16 @@ def _timer(side: str, batch_size: int, step: Callable, wait: Callable) -> Callab
     return images_per_second
 
 
-def torch_model(name: str):
-    """ResNet50 v1 (stride in the first 1x1 conv, like Keras) or DenseNet121, with a 4-way head."""
-    import torch
-    from torch import nn
-
-    def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list:
-        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
-
-    class Bottleneck(nn.Module):
-        def __init__(self, cin: int, width: int, stride: int):
-            super().__init__()
-            self.body = nn.Sequential(*conv_bn(cin, width, 1, stride), nn.ReLU(), *conv_bn(width, width, 3),
-                                      nn.ReLU(), *conv_bn(width, width * 4, 1))
-            self.shortcut = nn.Sequential(*conv_bn(cin, width * 4, 1, stride)) if stride > 1 or cin != width * 4 \
-                else nn.Identity()
-
-        def forward(self, x):
-            return torch.relu(self.body(x) + self.shortcut(x))
-
-    class DenseLayer(nn.Module):
-        def __init__(self, cin: int):
-            super().__init__()
-            self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 128, 1, bias=False),
-                                      nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 32, 3, padding=1, bias=False))
-
-        def forward(self, x):
-            return torch.cat([x, self.body(x)], 1)
-
-    layers = [*conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    if name == "resnet50":
-        cin = 64
-        for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
-            for block in range(blocks):
-                layers.append(Bottleneck(cin, width, stride if block == 0 else 1))
-                cin = width * 4
-    else:
-        cin = 64
-        for i, blocks in enumerate([6, 12, 24, 16]):
-            for _ in range(blocks):
-                layers.append(DenseLayer(cin))
-                cin += 32
-            if i < 3:
-                layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cin // 2, 1, bias=False), nn.AvgPool2d(2)]
-                cin //= 2
-        layers += [nn.BatchNorm2d(cin), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 4))
-
-
-def torch_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]:
-    """Build the PyTorch side once (eager, channels-last, bf16 autocast if asked); return its timer."""
+def torch_trainer(images: np.ndarray, labels: np.ndarray, mode: str) -> tuple[Callable[[], float], int]:
+    """Build one PyTorch side (``mode`` eager or compile; bf16 autocast if asked); its timer and parameter count."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = torch_model(FLAGS.model).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    torch.backends.cudnn.benchmark = True  # picks the fastest convolution per shape, as tuned PyTorch code does
+    model = torch_models.keras_twin(FLAGS.model).to(device).to(memory_format=torch.channels_last)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused=device == "cuda")  # the CPU default is foreach
+    forward = torch.compile(model) if mode == "compile" else model
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     x_uint8 = torch.from_numpy(images).to(device)
@@ -152,13 +122,13 @@ def torch_trainer(images: np.ndarray, labels: np.ndarray) -> Callable[[], float]
         x = x_uint8.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=FLAGS.precision == "bfloat16"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
-    return _timer("PyTorch", len(images), step, lambda loss: loss.item())
+    return _timer(f"PyTorch {mode}", len(images), step, lambda loss: loss.item()), parameters
 
 
 def main(argv: list[str]) -> None:
@@ -169,18 +139,33 @@ def main(argv: list[str]) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, FLAGS.batch_size).astype(np.int32)
+    modes = list(dict.fromkeys(FLAGS.torch))
     print(f"{FLAGS.model}, {FLAGS.image_size} px, batch {FLAGS.batch_size}, {FLAGS.precision}, "
-          f"Keras backend {keras.backend.backend()} ({FLAGS.keras_loop}), {FLAGS.steps} steps x {FLAGS.repeats} "
-          "alternating repeats", flush=True)
-    time_keras, time_torch = keras_trainer(images, labels), torch_trainer(images, labels)
-    ours, theirs = [], []
+          f"Keras backend {keras.backend.backend()} ({FLAGS.keras_loop}), PyTorch {', '.join(modes)}, "
+          f"{FLAGS.steps} steps x {FLAGS.repeats} alternating repeats", flush=True)
+    time_keras, keras_parameters = keras_trainer(images, labels)
+    sides = {"Keras": time_keras}
+    for mode in list(modes):
+        try:
+            sides[f"PyTorch {mode}"], torch_parameters = torch_trainer(images, labels, mode)
+        except Exception as error:  # torch.compile needs a compiler toolchain the host may lack: keep the others
+            if mode != "compile":
+                raise
+            print(f"  PyTorch compile FAILED, left out: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            modes.remove(mode)
+    print(f"  trainable parameters: Keras {keras_parameters:,}, PyTorch {torch_parameters:,}", flush=True)
+    rates = {side: [] for side in sides}
     for repeat in range(FLAGS.repeats):
-        ours.append(time_keras())
-        theirs.append(time_torch())
-        print(f"  repeat {repeat + 1}: Keras {ours[-1]:.1f} img/s, PyTorch {theirs[-1]:.1f} img/s", flush=True)
-    keras_rate, torch_rate = statistics.median(ours), statistics.median(theirs)
-    print(f"| {FLAGS.model} | {FLAGS.image_size} | {FLAGS.batch_size} | {FLAGS.precision} | {keras.backend.backend()}, "
-          f"{FLAGS.keras_loop} | {keras_rate:.1f} | {torch_rate:.1f} | {keras_rate / torch_rate:.2f} |")
+        for side, timer in sides.items():
+            rates[side].append(timer())
+        rows = ", ".join(f"{side} {values[-1]:.1f} img/s" for side, values in rates.items())
+        print(f"  repeat {repeat + 1}: {rows}", flush=True)
+    keras_rate = statistics.median(rates["Keras"])
+    for mode in modes:
+        torch_rate = statistics.median(rates[f"PyTorch {mode}"])
+        print(f"| {FLAGS.model} | {FLAGS.image_size} | {FLAGS.batch_size} | {FLAGS.precision} | "
+              f"{keras.backend.backend()}, {FLAGS.keras_loop} | {keras_rate:.1f} | {mode} | {torch_rate:.1f} | "
+              f"{keras_rate / torch_rate:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each benchmark module and one flag of its own that --help must list.
-MODULES = {"pipeline": "--decode_files", "train_step": "--keras_loop", "end_to_end": "--child_report",
-           "fit_overhead": "--profile_dir"}
+MODULES = {"pipeline": "--decode_files", "train_step": "--keras_loop", "end_to_end": "--torch_reference",
+           "end_to_end_torch": "--report", "fit_overhead": "--profile_dir"}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -67,3 +67,17 @@ def test_timed_fit(timing):
                                                rng.normal(size=(8, 2)).astype("float32"))).batch(4).repeat()
     seconds = timing.timed_fit(tiny_model(), feed, steps=2, epochs=2)
     assert len(seconds) == 2 and all(value > 0 for value in seconds)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_torch_twins_train_as_many_parameters_as_the_keras_models(name, monkeypatch):
+    # The train-step and end-to-end comparisons are fair only if both sides train the same network.
+    pytest.importorskip("torch", reason="the PyTorch side of the benchmarks")
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    torch_models = importlib.import_module("benchmarks.torch_models")
+    from xray_tf import models
+
+    keras_model = models.build_model(name, 4, 32, weights="none")
+    keras_count = sum(int(np.prod(variable.shape)) for variable in keras_model.trainable_weights)
+    twin = torch_models.keras_twin(name)
+    assert sum(parameter.numel() for parameter in twin.parameters()) == keras_count

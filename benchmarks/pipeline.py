@@ -7,7 +7,7 @@ weights, with replacement; ours picks each row's class with the same equal proba
 without replacement within a class (a cost of microseconds an epoch either way). The DataLoader
 has --workers workers (persistent, so later epochs reuse them); tf.data uses AUTOTUNE on the same
 cores. The sides run interleaved (ours, theirs, ours, ...) so that drifting machine load hits
-both; the script reports medians and their ratios.
+both; the script reports the median rates and the median of each repeat's ratio, with its range.
 
 Three comparisons:
 * first epoch: ``../shared/data/fullres`` (40 full-resolution JPEG/PNG files of 440-2500 px, grey
@@ -154,18 +154,22 @@ def cached_frame(shared: str) -> pd.DataFrame:
 
 
 def compare(name: str, frame: pd.DataFrame, ours: Callable[[], float], theirs: Callable[[], float]) -> dict:
-    """``ours()`` and ``theirs()`` (epoch seconds over ``frame``), interleaved: median rates and the ratio."""
-    our_seconds, their_seconds = [], []
+    """``ours()`` and ``theirs()`` (epoch seconds over ``frame``) interleaved: median rates, ratios per pair.
+
+    The ratio is the median of each repeat's own ratio, so that load drifting between repeats (the
+    machine is shared) cancels within each pair of neighbouring measurements.
+    """
+    our_rates, their_rates = [], []
     for repeat in range(FLAGS.repeats):
-        our_seconds.append(ours())
-        their_seconds.append(theirs())
-        print(f"  {name} repeat {repeat + 1}: tf.data {len(frame) / our_seconds[-1]:.0f} img/s, "
-              f"PyTorch DataLoader {len(frame) / their_seconds[-1]:.0f} img/s", flush=True)
-    ours_rate, theirs_rate = len(frame) / statistics.median(our_seconds), len(frame) / statistics.median(their_seconds)
-    spread = "/".join(f"{len(frame) / seconds:.0f}" for seconds in our_seconds)
-    their_spread = "/".join(f"{len(frame) / seconds:.0f}" for seconds in their_seconds)
-    return {"benchmark": name, "images": len(frame), "tf.data img/s": f"{ours_rate:.0f} ({spread})",
-            "DataLoader img/s": f"{theirs_rate:.0f} ({their_spread})", "ratio": round(ours_rate / theirs_rate, 2)}
+        our_rates.append(len(frame) / ours())
+        their_rates.append(len(frame) / theirs())
+        print(f"  {name} repeat {repeat + 1}: tf.data {our_rates[-1]:.0f} img/s, "
+              f"PyTorch DataLoader {their_rates[-1]:.0f} img/s", flush=True)
+    ratios = [mine / other for mine, other in zip(our_rates, their_rates)]
+    return {"benchmark": name, "images": len(frame),
+            "tf.data img/s": f"{statistics.median(our_rates):.0f} ({'/'.join(f'{r:.0f}' for r in our_rates)})",
+            "DataLoader img/s": f"{statistics.median(their_rates):.0f} ({'/'.join(f'{r:.0f}' for r in their_rates)})",
+            "ratio": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"}
 
 
 def main(argv: list[str]) -> None:
@@ -189,7 +193,7 @@ def main(argv: list[str]) -> None:
                 lambda: tfdata_epoch_seconds(train, size, batch, decoded),
                 lambda: torch_epoch_seconds(train, size, batch, workers, decoded.images, warm=True)),
     ]
-    print("\n| benchmark | images | tf.data img/s (repeats) | DataLoader img/s (repeats) | ratio |")
+    print("\n| benchmark | images | tf.data img/s (repeats) | DataLoader img/s (repeats) | ratio (range) |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(value) for value in row.values()) + " |")

@@ -5,8 +5,9 @@ head) from uint8 grey images: cast, repeat to 3 channels, normalise, forward, cr
 backward, Adam step. Inputs are random and resident in memory, so the input pipeline is out of the
 measurement. Each side is built and compiled once; then timed windows of ``--steps`` steps
 alternate (Keras, PyTorch, Keras, ...) and the script prints the median images/s of each and
-their ratio. On the CPU use small images (64-128 px) and a few steps; on a GPU
-run Keras on the JAX backend (``KERAS_BACKEND=jax``) with ``--precision=bfloat16``.
+the median of each repeat's ratio, with its range. On the CPU use small images (64-128 px) and
+a few steps; on a GPU run Keras on the JAX backend (``KERAS_BACKEND=jax``) with
+``--precision=bfloat16``.
 
 Both sides queue their steps and wait for the device once per window, as a training loop does:
 PyTorch reads the loss after the last step only, and Keras trains with ``fit`` (on a resident
@@ -161,12 +162,12 @@ def main(argv: list[str]) -> None:
         rows = ", ".join(f"{side} {values[-1]:.1f} img/s" for side, values in rates.items())
         print(f"  repeat {repeat + 1}: {rows}", flush=True)
     keras_rate = statistics.median(rates["Keras"])
-    for mode in modes:
-        torch_rate = statistics.median(rates[f"PyTorch {mode}"])
+    for mode in modes:  # the ratio: the median of each repeat's own, as load drifts between repeats
+        ratios = [ours / theirs for ours, theirs in zip(rates["Keras"], rates[f"PyTorch {mode}"])]
         print(f"| {FLAGS.model} | {FLAGS.image_size} | {FLAGS.batch_size} | {FLAGS.precision} | "
-              f"{keras.backend.backend()}, {FLAGS.keras_loop} | {keras_rate:.1f} | {mode} | {torch_rate:.1f} | "
-              f"{keras_rate / torch_rate:.2f} |")
-
+              f"{keras.backend.backend()}, {FLAGS.keras_loop} | {keras_rate:.1f} | {mode} | "
+              f"{statistics.median(rates[f'PyTorch {mode}']):.1f} | {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 if __name__ == "__main__":
     cli.start(main)

@@ -1,8 +1,9 @@
-"""benchmarks/: every script starts and shows its flags; the timing callbacks the scripts share."""
+"""benchmarks/: every script starts and shows its flags; the timing callbacks; the PyTorch side's fairness."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each benchmark module and one flag of its own that --help must list.
 MODULES = {"pipeline": "--decode_files", "train_step": "--keras_loop", "end_to_end": "--torch_reference",
-           "end_to_end_torch": "--report", "fit_overhead": "--profile_dir"}
+           "end_to_end_torch": "--report", "fit_overhead": "--profile_dir", "scale": "--work_dir"}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -81,3 +82,21 @@ def test_torch_twins_train_as_many_parameters_as_the_keras_models(name, monkeypa
     keras_count = sum(int(np.prod(variable.shape)) for variable in keras_model.trainable_weights)
     twin = torch_models.keras_twin(name)
     assert sum(parameter.numel() for parameter in twin.parameters()) == keras_count
+
+
+@pytest.mark.slow
+def test_torch_recipe_trains_and_reports_its_stages(clean_dataset, tmp_path):
+    # end_to_end.py --torch_reference reads this report; a broken reference would surface only on a GPU.
+    pytest.importorskip("torch", reason="the PyTorch side of the benchmarks")
+    report = tmp_path / "torch.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.end_to_end_torch", "--model=densenet121", f"--data_dir={clean_dataset}",
+         f"--output_dir={tmp_path}", f"--report={report}", "--workers=1", "--",
+         "--image_size=32", "--epochs=2", "--batch_size=8", "--val_fraction=0.25"],
+        cwd=REPO_ROOT, check=False, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(report.read_text())
+    assert set(written["seconds"]) == {"decode_and_cache", "fit", "finish"}
+    assert len(written["epoch_seconds"]) == len(written["val_loss"]) == 2
+    assert 0 <= written["val_balanced_accuracy"] <= 1
+    assert (tmp_path / "torch_densenet121.pt").is_file()

@@ -85,6 +85,20 @@ def test_file_cache_is_written_and_reused(index, tmp_path):
     assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == written
 
 
+def test_file_cache_holds_what_memory_holds_and_is_read_by_rows(tmp_path):
+    paths = grey_files(tmp_path, count=6)
+    in_memory = image_cache.decode_images(paths, 24, keep="memory")
+    on_disk = image_cache.decode_images(paths, 24, keep=str(tmp_path / "cache"))
+    assert isinstance(on_disk.images, np.memmap) and np.array_equal(on_disk.images, in_memory.images)
+    rows = np.array([5, 0, 3, 3, 1])  # out of order and repeated, as a balanced epoch draws them
+    assert np.array_equal(image_cache.read_rows(on_disk.images, rows), in_memory.images[rows])
+    assert np.array_equal(image_cache.read_rows(in_memory.images, rows), in_memory.images[rows])
+    with open(on_disk.images.filename, "r+b") as handle:  # a cache file cut short after it was opened
+        handle.truncate(on_disk.images.offset + 2 * 24 * 24)
+    with pytest.raises(OSError, match="shorter than its header says"):
+        image_cache.read_rows(on_disk.images, np.array([4]))
+
+
 def test_files_that_may_take_much_memory_are_decoded_one_at_a_time(tmp_path, monkeypatch):
     """The parallel pass takes the files within their share of image_headers.DECODE_MEMORY; the others are decoded
     after it, one at a time, to the same pixels; a file over max_pixels is in neither pass."""

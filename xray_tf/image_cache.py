@@ -4,9 +4,12 @@ The pass is also the pre-training check. Files that must not be decoded (no regu
 pixels than ``max_pixels``) are refused from their headers first; files that could take much
 memory are decoded one at a time after the parallel pass; rows that fail are dropped with
 ``ignore_errors`` and only they are examined again, one by one, to say why. The images are kept as one array in memory,
-or as a memory-mapped ``.npy`` file in a cache directory for data larger than RAM, which a later
-run over the same files at the same size reuses instead of decoding. A ``DecodedImages`` records
-the size it was decoded at, and the pipeline refuses one of another size.
+or as a ``.npy`` file in a cache directory for data larger than RAM, which a later run over the
+same files at the same size reuses instead of decoding. That file is written and read by
+positioned I/O (``os.pwrite``, ``os.preadv``) rather than through its memory map: a map's pages
+count in the process's resident memory as they are touched, so an epoch over 100,000 images would
+show the whole 5 GB cache as the process's own. A ``DecodedImages`` records the size it was
+decoded at, and the pipeline refuses one of another size.
 """
 
 from __future__ import annotations
@@ -27,6 +30,40 @@ from xray_tf.config import DEFAULT_MAX_PIXELS
 logger = logging.getLogger(__name__)
 
 _PARALLEL = os.cpu_count() or 1  # decodes at a time in the main pass, one a core
+
+
+class _RowWriter:
+    """``writer[rows] = images`` into the rows of a ``.npy`` file by positioned writes (module docstring)."""
+
+    def __init__(self, path: str, shape: tuple[int, ...]):
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)  # full size, header written
+        self._offset, self._row_bytes = header.offset, int(np.prod(shape[1:]))
+        del header
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def __setitem__(self, rows: np.ndarray, images: np.ndarray) -> None:
+        for row, image in zip(rows, images):
+            os.pwrite(self._fd, np.ascontiguousarray(image).data, self._offset + int(row) * self._row_bytes)
+
+    def close(self) -> None:
+        os.fsync(self._fd)  # on disk before the file is renamed complete
+        os.close(self._fd)
+
+
+def read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``images[rows]``, read from the file by positioned reads when ``images`` is a cache file's map."""
+    if not isinstance(images, np.memmap):
+        return images[rows]
+    out = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)
+    row_bytes = out[0].nbytes
+    fd = os.open(images.filename, os.O_RDONLY)
+    try:
+        for i, row in enumerate(rows):
+            if os.preadv(fd, [out[i].reshape(-1).data], images.offset + int(row) * row_bytes) != row_bytes:
+                raise OSError(f"{images.filename}: shorter than its header says (a damaged cache; delete it).")
+    finally:
+        os.close(fd)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +90,8 @@ def _images_cache_name(paths: Sequence[str], image_size: int) -> str:
     return f"images_{image_size}px_{digest.hexdigest()[:16]}"
 
 
-def _decode_pass(paths: list[str], rows: np.ndarray, image_size: int, parallel: int, out: np.ndarray | None,
-                 readable: np.ndarray, log_every_s: float) -> None:
+def _decode_pass(paths: list[str], rows: np.ndarray, image_size: int, parallel: int,
+                 out: np.ndarray | _RowWriter | None, readable: np.ndarray, log_every_s: float) -> None:
     """Decode ``paths[rows]``, ``parallel`` at a time, into ``out`` (if given) and mark in ``readable`` which did.
 
     Rows are decoded out of order (``deterministic=False``) and tagged with their row number, so
@@ -85,8 +122,8 @@ def _decode_pass(paths: list[str], rows: np.ndarray, image_size: int, parallel: 
             last_log = now
 
 
-def _decode_passes(paths: list[str], checks: list[image_headers.Precheck], image_size: int, out: np.ndarray | None,
-                   log_every_s: float) -> np.ndarray:
+def _decode_passes(paths: list[str], checks: list[image_headers.Precheck], image_size: int,
+                   out: np.ndarray | _RowWriter | None, log_every_s: float) -> np.ndarray:
     """Decode every file that ``checks`` lets through, within ``image_headers.DECODE_MEMORY``; return which decoded.
 
     One pass decodes ``_PARALLEL`` files at a time, each of which may hold at most
@@ -133,10 +170,11 @@ def decode_images(paths: Sequence[str], image_size: int, keep: str = "memory", l
             logger.info("reusing the decoded images in %s.npy", stem)
         else:
             partial = stem + ".partial.npy"
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-            readable = _decode_passes(paths, checks, image_size, out, log_every_s)
-            out.flush()
-            del out
+            writer = _RowWriter(partial, shape)
+            try:
+                readable = _decode_passes(paths, checks, image_size, writer, log_every_s)
+            finally:
+                writer.close()
             np.save(stem + ".readable.npy", readable)
             os.replace(partial, stem + ".npy")  # complete only once both files are there
             images = np.load(stem + ".npy", mmap_mode="r")

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from xray_tf.augment import augment_batch, check_preset, mix_batch
 from xray_tf.decode import AUTOTUNE, decode_image, without_autotune_thread
-from xray_tf.image_cache import DecodedImages, decode_images
+from xray_tf.image_cache import DecodedImages, decode_images, read_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class _FrameImages:
     def _gather(self, positions: np.ndarray) -> np.ndarray:
         if self.decoded is None:
             raise RuntimeError("The images are not decoded yet: call fill_caches(datasets) first.")
-        return self.decoded.images[self._rows[positions]]
+        return read_rows(self.decoded.images, self._rows[positions])
 
     def take(self, positions: tf.Tensor) -> tf.Tensor:
         """``uint8 [n, size, size, 1]``: the images of frame rows ``positions``."""

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU benchmarks of BENCHMARKS.md sections 2 and 3: Keras 3 on the JAX backend (GPU), tf.data
+# The GPU benchmarks of BENCHMARKS.md sections 3-5: Keras 3 on the JAX backend (GPU), tf.data
 # on CPU TensorFlow. Run from the repository root on a machine prepared by ../shared/gpu/README.md
 # (staging, then setup_device.sh). Every result goes to OUT_DIR as it comes, so a run cut short
 # keeps what it finished; each step has its own time limit. Name steps to run only those (one

@@ -89,13 +89,35 @@ def test_the_best_epochs_backup_is_kept_and_becomes_the_model_file(policy, tmp_p
     assert sorted(os.listdir(backup_dir)) == ["epoch-0002.npz", "epoch-0005.npz"]
     path = str(tmp_path / "model.keras")
     kept = checkpoint.write_best_model(keras.saving.serialize_keras_object(model), policy, backup_dir, 2, path)
-    assert len(kept.optimizer.variables) == len(model.optimizer.variables)
-    for expected, variable in zip(states[1], checkpoint.training_state(kept)):
+    assert not kept.compiled  # for inference: the optimizer's state stays in the backup
+    for expected, variable in zip(states[1], kept.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected)
-    with models.global_dtype_policy(policy):  # else Keras rebuilds a plain Adam and warns of its variables
-        reloaded = models.load_model(path)
+    reloaded = models.load_model(path)  # under any policy: no optimizer to rebuild
+    assert not reloaded.compiled
     np.testing.assert_array_equal(reloaded.get_weights()[0], states[1][0])
     assert checkpoint.restore_backup(model, backup_dir) == 5  # resuming takes the newest
+
+
+@pytest.mark.slow
+def test_the_kept_model_file_holds_the_weights_alone_and_predicts_as_the_trained_model(tmp_path):
+    """``model.keras`` has no optimizer state: about the weights' size, the same probabilities as before saving."""
+    keras.utils.set_random_seed(0)
+    model = models.build_model("mobilenetv3small", 4, 32, weights="none")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1), dtype=np.uint8)
+    model.fit(images, keras.utils.to_categorical(np.arange(16) % 4, 4), batch_size=8, verbose=0)
+    backup_dir = str(tmp_path / "backup")
+    arrays = [keras.ops.convert_to_numpy(v) for v in checkpoint.training_state(model)]
+    checkpoint.write_backup(checkpoint.backup_path(backup_dir, 1), checkpoint.pack_state(arrays))
+    path = str(tmp_path / rundir.MODEL)
+    kept = checkpoint.write_best_model(keras.saving.serialize_keras_object(model), "float32", backup_dir, 1, path)
+    expected = np.asarray(model.predict_on_batch(images))
+    np.testing.assert_array_equal(np.asarray(kept.predict_on_batch(images)), expected)
+    np.testing.assert_array_equal(np.asarray(models.load_model(path).predict_on_batch(images)), expected)
+    weight_bytes = sum(array.nbytes for array in model.get_weights())
+    optimizer_bytes = sum(keras.ops.convert_to_numpy(v).nbytes for v in model.optimizer.variables)
+    assert optimizer_bytes > weight_bytes  # Adam's two moments of every trainable weight: worth leaving out
+    assert abs(os.path.getsize(path) - weight_bytes) < 0.15 * weight_bytes
 
 
 def test_no_model_file_without_the_best_epochs_backup(tmp_path):

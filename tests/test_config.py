@@ -25,6 +25,7 @@ def test_config_module_imports_nothing_heavy():
     ("image_size", 16, "below 32"),
     ("rotation_degrees", float("nan"), "finite"),
     ("val_fraction", 1.0, "strictly between 0 and 1"),
+    ("export", "saved_model,bogus", "'bogus': no export format; choose from saved_model, onnx, litert"),
 ])
 def test_validate_names_the_field(tmp_path, field, value, words):
     bad = dataclasses.replace(TrainConfig(weights="none", output_dir=str(tmp_path)), **{field: value})
@@ -42,6 +43,8 @@ def test_flagfile_round_trip(tmp_path):
     assert TrainConfig.from_flagfile(str(path)) == original
     assert original.changed_settings(dataclasses.replace(original, run_name="y", output_dir="elsewhere")) == {}
     assert original.changed_settings(dataclasses.replace(original, seed=5)) == {"seed": (0, 5)}
+    # The exports are made once training ends: a resumed run may ask for others.
+    assert original.changed_settings(dataclasses.replace(original, export="onnx,litert")) == {}
 
 
 def test_data_dir_is_given_once_per_folder(tmp_path):

@@ -163,9 +163,13 @@ def test_a_missing_or_empty_checkpoint_is_refused_before_torch_is_needed(tmp_pat
     assert _convert(tmp_path, str(empty), capfd).startswith(f"{CONVERTER}: error: {empty}: the file is empty")
     text = tmp_path / "model.pth"
     text.write_text("not a checkpoint")
-    message = _convert(tmp_path, str(text), capfd)
-    assert message.startswith(f"{CONVERTER}: error: {text}: reading a PyTorch checkpoint needs PyTorch")
-    assert "pip install torch" in message
+    assert _convert(tmp_path, str(text), capfd).startswith(f"{CONVERTER}: error: {text}: not a readable PyTorch")
+    old_tar = str(tmp_path / "old.pth.tar")  # PyTorch < 0.1.10's format: only full unpickling reads it
+    with tarfile.open(old_tar, "w") as archive:
+        archive.add(text, arcname="tensors")
+    message = _convert(tmp_path, old_tar, capfd, allow_pickle=True)
+    assert message.startswith(f"{CONVERTER}: error: {old_tar}: it is in the .tar format of PyTorch before 0.1.10")
+    assert "PyTorch is not installed" in message and "pip install torch" in message
 
 
 def _torch_cases(torch, tmp_path) -> dict[str, str]:

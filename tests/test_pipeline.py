@@ -36,7 +36,7 @@ def test_shapes_dtypes_and_step_count(index):
 
 
 def test_no_dataset_starts_the_autotune_thread(index):
-    """Freeing an autotuned iterator waits out its tuning thread's sleep: ~30 s when fit ends (BENCHMARKS.md)."""
+    """Freeing an autotuned iterator waits out its tuning thread's sleep: ~30 s after fit (benchmarks/NOTEBOOK.md)."""
     datasets = pipeline.build_datasets(index.frame, 4, small_settings())
     streams = [datasets.epochs(0, 2),
                distribution.share_of_batches(datasets.epochs(0, 1), 8, worker=1, workers=2, pieces=2),

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import run_module, shared_data
 from PIL import Image
-from test_predictors import CLASSES, IMAGE_SIZE, POINT, TEMPERATURE, tiny_run
+from test_predictors import CLASSES, IMAGE_SIZE, POINT, TEMPERATURE, _can_export, tiny_run
 
 from xray_tf import calibration, decode, export, inference, models, predict, predictors, rundir, synthetic
 from xray_tf.config import ConfigError
@@ -325,3 +325,33 @@ def test_cli_applies_the_temperature_tta_and_operating_point(tiny_runs, scans, s
     np.testing.assert_allclose(frame[PROBABILITY_COLUMNS].to_numpy(float),
                                np.stack([r.probabilities for r in expected]), atol=2e-6)
     assert frame["flag_covid_19"].tolist() == [int(r.probabilities[3] >= threshold) for r in expected]
+
+
+@pytest.fixture(scope="module")
+def exported_a(tiny_runs) -> dict[str, str]:
+    """Run a's model as ONNX and LiteRT files in the run (those this machine can convert and run)."""
+    formats = [name for name in ("onnx", "litert") if _can_export(name)]
+    return dict(zip(formats, export.export_run(tiny_runs["a"], formats)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("format_name", ["onnx", "litert"])
+def test_cli_predicts_with_an_onnx_or_litert_file_as_with_the_keras_model(exported_a, scans, plain, format_name):
+    if format_name not in exported_a:
+        pytest.skip(f"this machine cannot export or run {format_name}: {export.INSTALL}")
+    result = run_module("xray_tf", "predict", f"--model={exported_a[format_name]}", *scans)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(io.StringIO(result.stdout)).set_index("file").loc[scans]
+    np.testing.assert_allclose(frame[PROBABILITY_COLUMNS].to_numpy(float), plain, atol=1e-5)
+    assert frame["predicted_class"].tolist() == [CLASSES[i] for i in plain.argmax(axis=1)]
+
+
+@pytest.mark.slow
+def test_gradcam_with_an_exported_file_is_refused(exported_a, scans, tmp_path):
+    if not exported_a:
+        pytest.skip(f"this machine can neither export nor run ONNX or LiteRT: {export.INSTALL}")
+    path = next(iter(exported_a.values()))
+    with pytest.raises(ValueError, match=f"Grad-CAM needs the Keras model .* not {path}: a SavedModel, ONNX or "
+                                         "LiteRT export has no layers to explain"):
+        predict.predict_files(predictors.load_predictor(path), scans, gradcam_dir=str(tmp_path / "cams"))
+    assert not os.path.exists(tmp_path / "cams")

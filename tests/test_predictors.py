@@ -7,13 +7,15 @@ batch of uint8 arrays, since decoding files is ``predict``'s part (tests/test_pr
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
-from xray_tf import calibration, export, inference, predictors, rundir
+from xray_tf import calibration, export, inference, models, predictors, rundir
 from xray_tf.config import ConfigError
 from xray_tf.rundir import RunError
 
@@ -142,3 +144,78 @@ def test_operating_thresholds_are_the_stored_ones_for_the_same_probabilities(tin
         predictors.operating_thresholds([predictor], [POINT, "COVID-19:specificity=0.5"], "flip")
     with pytest.raises(ConfigError, match="no threshold stored in"):
         predictors.operating_thresholds([predictors.load_predictor(tiny_runs["a"])], [POINT], "flip")
+
+
+EXPORTED = ["onnx", "litert"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, str]:
+    """Exports of two tiny runs: ``plain`` has its files in ``exports/`` below the run (classes.json above
+    them), ``calibrated`` (TEMPERATURE) in the run directory itself, as xray-export writes them."""
+    root = tmp_path_factory.mktemp("exported")
+    runs = {"plain": tiny_run(root, "plain", 0), "calibrated": tiny_run(root, "calibrated", 1, temperature=TEMPERATURE)}
+    formats = [name for name in EXPORTED if _can_export(name)]
+    export.export_model(models.load_model(os.path.join(runs["plain"], rundir.MODEL)),
+                        os.path.join(runs["plain"], "exports"), formats)
+    export.export_run(runs["calibrated"], formats)
+    return runs
+
+
+def _can_export(format_name: str) -> bool:
+    try:
+        export.check_formats([format_name])
+    except export.ExportError:
+        return False
+    return format_name != "onnx" or importlib.util.find_spec("onnxruntime") is not None
+
+
+def _exported_path(run: str, format_name: str) -> str:
+    if not _can_export(format_name):
+        pytest.skip(f"this machine cannot export or run {format_name}: {export.INSTALL}")
+    return os.path.join(run, rundir.EXPORTS[format_name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("format_name", EXPORTED)
+def test_an_onnx_or_litert_file_predicts_like_the_keras_model_with_the_runs_classes(exported, images, format_name):
+    run = exported["plain"]
+    path = _exported_path(os.path.join(run, "exports"), format_name)
+    predictor = predictors.load_predictor(path)
+    assert predictor.keras_model is None and predictor.name == path
+    assert predictor.class_names == CLASSES and predictor.run_dir == run  # classes.json in the folder above
+    assert predictor.image_size == IMAGE_SIZE and predictor.temperature is None
+    keras_predictor = predictors.load_predictor(run)
+    np.testing.assert_allclose(_probabilities(predictor, images), _probabilities(keras_predictor, images), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("format_name", EXPORTED)
+def test_an_export_of_a_calibrated_run_has_its_temperature_built_in(exported, images, format_name):
+    run = exported["calibrated"]
+    predictor = predictors.load_predictor(_exported_path(run, format_name))
+    assert predictor.run_dir == run and predictor.temperature == TEMPERATURE and predictor.temperature_built_in
+    plain = _probabilities(predictors.load_predictor(run, calibrated=False), images)
+    np.testing.assert_allclose(_probabilities(predictor, images), calibration.apply_temperature(plain, TEMPERATURE),
+                               atol=1e-5)
+    with pytest.raises(ConfigError, match="built in, which cannot be taken out"):
+        predictors.load_predictor(_exported_path(run, format_name), calibrated=False)
+
+
+def test_an_onnx_file_without_onnxruntime_says_how_to_install_it(tmp_path, monkeypatch):
+    path = tmp_path / rundir.ONNX
+    path.write_bytes(b"not read: the runtime is missing first")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    with pytest.raises(ConfigError, match=r"needs onnxruntime, not installed: pip install 'xray_tf\[export\]'") as no:
+        predictors.load_predictor(str(path))
+    assert no.value.field == "model"
+
+
+def test_a_file_that_is_no_onnx_or_litert_model_is_named(tmp_path):
+    for name, runtime in ((rundir.ONNX, "ONNX Runtime"), (rundir.TFLITE, "the LiteRT interpreter")):
+        if name == rundir.ONNX:
+            pytest.importorskip("onnxruntime", reason=f"ONNX Runtime reads the file ({export.INSTALL})")
+        path = tmp_path / name
+        path.write_text("not a model")
+        with pytest.raises(ValueError, match=f"^{path}: cannot be loaded by {runtime}"):
+            predictors.load_predictor(str(path))

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import keras
 import pandas as pd
 
-from xray_tf import models, rundir, training
-from xray_tf.config import TrainConfig
+from xray_tf import export, models, rundir, training
+from xray_tf.config import TrainConfig, export_formats
 
 
 # eq=False: fields holding a model and a DataFrame have no meaningful ==, and a frozen dataclass
@@ -29,7 +29,7 @@ class TrainResult:
     """A finished run: its directory and the files in it that a caller wants first."""
 
     run_dir: str
-    model: keras.Model  # model.keras, compiled: the kept epoch (metrics["model_selection"])
+    model: keras.Model  # model.keras: the kept epoch (metrics["model_selection"]), uncompiled, for inference
     history: pd.DataFrame  # history.csv: one row per epoch
     metrics: dict  # metrics.json: every split's report, the kept epoch, timings
 
@@ -43,6 +43,7 @@ def train(config: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (
     before anything is read. None on the workers of a multi-worker run other than the chief, which
     alone writes the run directory.
     """
+    export.check_formats(export_formats(config.export))  # a missing package, before hours of training
     run_dir = training.run(config, verbose=verbose, callbacks=callbacks)
     if run_dir is None:
         return None

@@ -101,21 +101,25 @@ def restore_backup(model: keras.Model, backup_dir: str) -> int:
 
 def write_best_model(model_config: dict, dtype_policy: str, backup_dir: str, best_epoch: int,
                      path: str) -> keras.Model:
-    """Rebuild the model ``model_config`` describes, load epoch ``best_epoch``'s backup, save it as ``path``.
+    """Rebuild the model ``model_config`` describes, load epoch ``best_epoch``'s backup, save it for inference.
 
-    ``dtype_policy`` is the global policy the model was built and compiled under: a model's config
-    records its layers' policies, not that compiling under ``mixed_float16`` wrapped the optimizer
-    in a ``LossScaleOptimizer``, whose variables the backup holds too. The rebuilt model lives on
-    one device, whatever distribution trained the original. With ``--ema_decay`` the kept weights
-    are the averages the backup holds.
+    ``path`` gets the architecture and the weights only: no optimizer state (twice the weights, for
+    Adam) and no compile settings, which the backup and ``flags.txt`` keep for resuming; the model
+    returned is that uncompiled one. ``dtype_policy`` is the global policy the model was built and
+    compiled under: a model's config records its layers' policies, not that compiling under
+    ``mixed_float16`` wrapped the optimizer in a ``LossScaleOptimizer``, whose variables the backup
+    holds too. The rebuilt model lives on one device, whatever distribution trained the original.
+    With ``--ema_decay`` the kept weights are the averages the backup holds.
     """
     backup = backup_path(backup_dir, best_epoch)
     if not os.path.isfile(backup):
         raise rundir.RunError(f"{backup}: no backup of the best epoch {best_epoch}, so there is no model to keep.")
     with models.global_dtype_policy(dtype_policy):
-        model = models.model_from_config(model_config)
-    load_backup(model, backup)
-    optimizers.use_weight_averages(model)
-    rundir.write_atomic(path, model.save)
-    return model
+        trained = models.model_from_config(model_config)
+        kept = models.model_from_config({key: value for key, value in model_config.items() if key != "compile_config"})
+    load_backup(trained, backup)
+    optimizers.use_weight_averages(trained)
+    kept.set_weights(trained.get_weights())
+    rundir.write_atomic(path, kept.save)
+    return kept
 

@@ -8,8 +8,9 @@ The same mapping reads torchvision's ImageNet DenseNet-121 checkpoint, so ``--mo
 --weights=FILE.pth`` works offline.
 
 Convert with ``xray-convert-chexnet --input model.pth.tar --output chexnet_densenet121.weights.h5``.
-PyTorch (the ``convert`` extra) is imported only when a checkpoint is read; the converted Keras
-file needs nothing but Keras. Only Keras 3 APIs are used for the model.
+Checkpoints are read without PyTorch (``xray_tf.torch_checkpoint``); PyTorch is imported only when
+``allow_pickle`` fully unpickles a checkpoint that safe reader refuses. The converted Keras file needs
+nothing but Keras. Only Keras 3 APIs are used for the model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from xray_tf import rundir
+from xray_tf import rundir, torch_checkpoint
 from xray_tf.config import ConfigError
 
 # Output order of CheXNet's classifier (arnoweng/CheXNet, ChestX-ray14 label order).
@@ -61,11 +62,6 @@ _CLASSIFIER_KEYS = frozenset({"classifier.0.weight", "classifier.0.bias", "class
 
 _MAX_LISTED = 10  # per kind of problem, so that a refusal stays one readable paragraph
 _MAX_REASON = 200  # characters of torch's own explanation
-
-# How torch's weights_only unpickler names a Python object it will not rebuild (torch/_weights_only_unpickler.py),
-# and where its wrapped message quotes the unpickler itself (torch.serialization.load).
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
-_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
@@ -95,75 +91,68 @@ def build_chexnet(image_size: int = 224) -> keras.Model:
 def _load_torch_state_dict(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     """Read a PyTorch checkpoint into float32 numpy arrays keyed as in the file, or refuse naming it.
 
-    ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers; full unpickling
-    runs whatever code the file names, so it needs the caller's explicit consent. Every refusal is
-    one sentence that starts with ``path``: a command prints it as it is, without a traceback.
+    The safe reader rebuilds only tensors and plain containers, without PyTorch; full unpickling
+    runs whatever code the file names, so it needs the caller's explicit consent (and PyTorch).
+    Every refusal is one sentence that starts with ``path``: a command prints it as it is, without
+    a traceback.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (a PyTorch checkpoint such as CheXNet's model.pth.tar).")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: the file is empty, not a PyTorch checkpoint (an interrupted download?).")
     try:
-        import torch  # the `convert` extra; only checkpoint reading needs it
-    except ImportError as error:
-        raise ValueError(f"{path}: reading a PyTorch checkpoint needs PyTorch, which is not installed ({error}); "
-                         f"install its CPU build: {_TORCH_INSTALL}") from error
-    try:
-        with warnings.catch_warnings():
-            # torch warns about formats it then refuses (TorchScript) or reads anyway (pickle protocol 4):
-            # the refusal, if any, is the message.
-            warnings.simplefilter("ignore", UserWarning)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any bytes reach the unpickler, which fails with many types on foreign ones
-        unsafe = _needs_full_unpickling(error)
-        if unsafe is None:
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupted or another "
-                             f"format): {_torch_reason(error)}.") from error
+        state_dict = _state_dict(path, torch_checkpoint.load_checkpoint(path))
+    except torch_checkpoint.UnsafeCheckpointError as error:
         if not allow_pickle:
-            raise ValueError(f"{path}: {unsafe}, so only full unpickling can read it, and that executes code "
+            raise ValueError(f"{path}: {error.reason}, so only full unpickling can read it, and that executes code "
                              "named in the file. Pass --allow_pickle (allow_pickle=True) only if you trust its "
                              "source.") from error
-        warnings.warn(f"Fully unpickling {path!r}: this executes code from the file; only do it for a checkpoint "
-                      "from a trusted source.", stacklevel=3)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as unpickling_error:  # the file's own code may raise anything
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint, even fully unpickled: "
-                             f"{_torch_reason(unpickling_error)}.") from unpickling_error
+        state_dict = _unpickle_fully(path, error.reason)
+    except torch_checkpoint.CheckpointError as error:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {error.reason}.") from error
+    not_tensors = sorted(str(k) for k, value in state_dict.items() if not isinstance(value, np.ndarray))
+    if not_tensors:
+        raise ValueError(f"{path}: {_listing('state dict entries that are not tensors', not_tensors)}.")
+    return {key: value.astype(np.float32, copy=False) for key, value in state_dict.items()}  # as Keras variables
 
+
+def _state_dict(path: str, checkpoint: object) -> Mapping:
+    """The state dict in a checkpoint: the checkpoint itself or its 'state_dict' entry."""
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping) or not checkpoint:
         empty = " (empty)" if isinstance(checkpoint, Mapping) else ""
         raise ValueError(f"{path}: expected a state dict or a dict with a 'state_dict' entry, "
                          f"got {type(checkpoint).__name__}{empty}.")
-    not_tensors = sorted(str(k) for k, value in checkpoint.items() if not torch.is_tensor(value))
-    if not_tensors:
-        raise ValueError(f"{path}: {_listing('state dict entries that are not tensors', not_tensors)}.")
+    return checkpoint
+
+
+def _unpickle_fully(path: str, refusal: str) -> dict[str, object]:
+    """The state dict of a checkpoint the safe reader refused (``refusal`` says why), read by PyTorch."""
+    try:
+        import torch  # the `convert` extra; only full unpickling needs it
+    except ImportError as error:
+        raise ValueError(f"{path}: {refusal}, so only full unpickling by PyTorch can read it, and PyTorch is not "
+                         f"installed ({error}); install its CPU build: {_TORCH_INSTALL}") from error
+    warnings.warn(f"Fully unpickling {path!r}: this executes code from the file; only do it for a checkpoint "
+                  "from a trusted source.", stacklevel=4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notices about old formats it reads anyway
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # the file's own code may raise anything
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, even fully unpickled: "
+                         f"{_torch_reason(error)}.") from error
     # .float() first: numpy has no bfloat16, and Keras variables are float32 anyway.
-    return {key: value.detach().cpu().float().numpy() for key, value in checkpoint.items()}
-
-
-def _needs_full_unpickling(error: Exception) -> str | None:
-    """Why torch's safe loader refused a file that full unpickling can read; None when it failed otherwise."""
-    message = str(error)
-    named = _UNSAFE_GLOBAL.search(message)
-    if named:
-        return f"it names the Python object {named[1]}"
-    if "legacy .tar format" in message:
-        return "it is in the .tar format of PyTorch before 0.1.10"
-    return None
+    return {key: value.detach().cpu().float().numpy() if torch.is_tensor(value) else value
+            for key, value in _state_dict(path, checkpoint).items()}
 
 
 def _torch_reason(error: Exception) -> str:
-    """torch's failure in one short line: the unpickler's own words, without the advice torch wraps them in."""
-    message = str(error)
-    if "TorchScript" in message:
-        return "it is a TorchScript archive (a compiled model), not a checkpoint of tensors"
-    inner = _UNPICKLER_ERROR.search(message)
-    lines = (inner[1] if inner else message).strip().splitlines()
+    """torch's failure in one short line: the first line of its message, whole sentences up to a cap."""
+    lines = str(error).strip().splitlines()
     reason = (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__).rstrip(".")
-    if len(reason) > _MAX_REASON:  # torch's advice follows its diagnosis: keep whole sentences of the start
+    if len(reason) > _MAX_REASON:
         end = reason.rfind(". ", 0, _MAX_REASON)
         reason = reason[:end] if end > 0 else reason[:_MAX_REASON] + " [...]"
     return reason

@@ -48,6 +48,7 @@ MAX_IMAGE_SIZE = 2048  # 4x CheXNet's largest published input; one such batch of
 DEFAULT_MAX_PIXELS = 100_000_000  # per image, as its header declares: 10000 x 10000, above any detector
 DATA_FORMATS = ("auto", "coronahack", "kermany", "folders", "csv", "metadata")  # see xray_tf.layouts
 SPLIT_BY = ("patient", "image")  # how the validation split is drawn from TRAIN; see xray_tf.patients
+EXPORT_FORMATS = ("saved_model", "onnx", "litert")  # what --export writes beside model.keras; see xray_tf.export
 
 # The paper's flagfiles, the demo's and the recommended recipe's, installed with the package (the
 # repository's top-level flags/ folder); ``--experiment=NAME`` reads NAME.cfg from here.
@@ -55,8 +56,8 @@ FLAGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
 EXPERIMENTS = ("prce", "prcw", "prfl", "pdcxce", "pdcxfl", "rce", "demo", "recommended")
 
 # May differ when a run is resumed: where it is, how many devices share its (unchanged) batches,
-# and where its compiled programs are cached.
-RUN_LOCATION_FIELDS = ("output_dir", "run_name", "resume", "distribution", "compilation_cache")
+# where its compiled programs are cached, and what it is exported as once trained.
+RUN_LOCATION_FIELDS = ("output_dir", "run_name", "resume", "distribution", "compilation_cache", "export")
 
 
 class ConfigError(ValueError):
@@ -195,8 +196,12 @@ class TrainConfig:
     tensorboard: bool = _setting(False, "Write TensorBoard logs (every epoch's metrics and learning rate, a few "
                                  "augmented training images) under RUN/tensorboard; viewing them needs the "
                                  "tensorboard package (pip install 'xray_tf[tensorboard]').")
+    export: str = _setting("saved_model", "Comma-separated formats the kept model is exported in, beside "
+                           "model.keras: saved_model (RUN/saved_model/, TensorFlow), onnx (RUN/model.onnx, ONNX "
+                           "Runtime), litert (RUN/model.tflite, the LiteRT interpreter); onnx and litert need "
+                           "pip install 'xray_tf[export]'. Each takes uint8 images and gives probabilities.")
     calibrate: bool = _setting(False, "After training, fit one softmax temperature on the validation split and "
-                               "store it in the run; evaluate, predict and the SavedModel then apply it.")
+                               "store it in the run; evaluate, predict and the exports then apply it.")
 
     def __post_init__(self) -> None:
         if isinstance(self.data_dir, (str, os.PathLike)):  # TrainConfig(data_dir="coronahack"): one folder
@@ -255,6 +260,7 @@ class TrainConfig:
             raise ConfigError("data_csv", self.data_csv, "no such file.")
         if self.class_names is not None:
             class_name_map(self.class_names)
+        export_formats(self.export)
         if self.model == "densenet_chexnet":
             if not self.chexnet_weights:
                 raise ConfigError("chexnet_weights", None, "--model=densenet_chexnet needs the converted CheXNet "
@@ -318,6 +324,16 @@ def class_name_map(spec: str) -> dict[str, str]:
             raise ConfigError("class_names", spec, f"label {label!r} is named twice.")
         mapping[label] = name
     return mapping
+
+
+def export_formats(spec: str, field: str = "export") -> tuple[str, ...]:
+    """The formats ``--export`` (or ``field``) names (``saved_model,onnx``), each once, in their order."""
+    formats = tuple(dict.fromkeys(item.strip() for item in spec.split(",")))
+    unknown = [name for name in formats if name not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(field, spec, f"{', '.join(map(repr, unknown))}: no export format; choose from "
+                          f"{', '.join(EXPORT_FORMATS)}, comma-separated.")
+    return formats
 
 
 def _every_value(args: list[str], name: str) -> tuple[str, ...]:

@@ -30,8 +30,8 @@ def without_autotune_thread(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
     Deleting an autotuned iterator waits for that thread to finish its current sleep, which grows
     after every tuning round, so a training stream freed when ``fit`` returns could hold a run for
-    tens of seconds (BENCHMARKS.md). Without it, ``AUTOTUNE`` parallelism is the number of cores
-    and ``prefetch`` still tunes its own buffer.
+    tens of seconds (benchmarks/NOTEBOOK.md). Without it, ``AUTOTUNE`` parallelism is the number of
+    cores and ``prefetch`` still tunes its own buffer.
     """
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -158,15 +158,16 @@ def _check_arguments(runs: list[_Run], split: str, batch_size: int, output_dir: 
 
 def _fit_temperatures(runs: list[_Run], keras_models: list[keras.Model], images: np.ndarray, frame: pd.DataFrame,
                       batch_size: int) -> list[float]:
-    """Fit each run's temperature on the validation images, store it, and bake it into its SavedModel."""
+    """Fit each run's temperature on the validation images, store it, and bake it into the run's exports."""
     plain = [inference.keras_member(model) for model in keras_models]
     probabilities = inference.member_probabilities(plain, inference.batches_of(images, batch_size), batch_size)
     temperatures = []
     for run, model, member_probabilities in zip(runs, keras_models, probabilities):
         fitted = calibration.calibrate(member_probabilities, frame["label_index"].to_numpy())
         saved_model = os.path.join(run.directory, rundir.SAVED_MODEL)
-        if os.path.isdir(saved_model):  # so that a server of the run gets what xray-predict gives
-            export.export_saved_model(model, saved_model, fitted["temperature"])
+        # Every export the run has, again with the temperature: a server of the run gets what xray-predict gives.
+        exported = [name for name, file in rundir.EXPORTS.items() if os.path.exists(os.path.join(run.directory, file))]
+        export.export_model(model, run.directory, exported, fitted["temperature"])
         calibration.write_calibration(run.directory, {**fitted, "fitted_on": "val",
                                                       "saved_model": os.path.isdir(saved_model)})
         logger.info("%s: temperature %.3f fitted on %d validation images (NLL %.4f -> %.4f, ECE %.4f -> %.4f)",

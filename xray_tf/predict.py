@@ -182,8 +182,8 @@ def predict_batches(
             raise ConfigError("gradcam_dir", gradcam_dir, f"Grad-CAM explains one model, not an ensemble of "
                               f"{len(predictors)}: predict with one model for the overlays.")
         if first.keras_model is None:
-            raise ValueError("Grad-CAM needs the Keras model: a run directory or its model.keras, "
-                             "not a bare SavedModel.")
+            raise ValueError(f"Grad-CAM needs the Keras model (a run directory or its model.keras), not "
+                             f"{first.name}: a SavedModel, ONNX or LiteRT export has no layers to explain.")
         cam = gradcam.GradCam(first.keras_model)
         with rundir.writing(gradcam_dir, "the Grad-CAM folder"):
             os.makedirs(gradcam_dir, exist_ok=True)

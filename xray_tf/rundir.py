@@ -36,7 +36,10 @@ CLASSES = "classes.json"  # class names in the order of the model's outputs
 HISTORY = "history.csv"  # one row per finished epoch
 METRICS = "metrics.json"  # written last: a run with it has finished
 MODEL = "model.keras"
-SAVED_MODEL = "saved_model"
+SAVED_MODEL = "saved_model"  # the kept model as a TensorFlow SavedModel (--export=saved_model)
+ONNX = "model.onnx"  # the kept model for ONNX Runtime (--export=onnx)
+TFLITE = "model.tflite"  # the kept model for the LiteRT (TensorFlow Lite) interpreter (--export=litert)
+EXPORTS = {"saved_model": SAVED_MODEL, "onnx": ONNX, "litert": TFLITE}  # --export format -> its file
 SKIPPED_IMAGES = "skipped_images.csv"
 BACKUP = "backup"  # per-epoch training state while the run is unfinished
 SPLITS_CSV = "splits.csv"  # path, class, split, patient group of every image: the split, auditable and reusable
@@ -48,6 +51,7 @@ TENSORBOARD = "tensorboard"  # --tensorboard: event files of the train/ and vali
 # What each file is, for the message of a write that fails; other files by their ending.
 _WHAT = {FLAGS: "the run's settings", CLASSES: "the class names", HISTORY: "the epoch history",
          METRICS: "the run's metrics", MODEL: "the kept model", SAVED_MODEL: "the SavedModel export",
+         ONNX: "the ONNX export", TFLITE: "the LiteRT export",
          SKIPPED_IMAGES: "the list of skipped images", SPLITS_CSV: "every image's split",
          CALIBRATION: "the fitted temperature", OPERATING_POINTS: "the chosen thresholds", REPORT: "the report page"}
 _WHAT_BY_ENDING = {".npz": "an epoch backup", ".png": "a figure", ".csv": "a table", ".json": "a report",

@@ -41,7 +41,7 @@ from xray_tf import (
     rundir,
     tensorboard_logs,
 )
-from xray_tf.config import ConfigError, TrainConfig
+from xray_tf.config import ConfigError, TrainConfig, export_formats
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def fit_epochs(model: keras.Model, datasets: pipeline.Datasets, first: int, stop
 
 def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     """Keep the best epoch's model, export it, evaluate it on every split, write ``metrics.json``."""
-    run_dir, index = trained.run_dir, prepared.data.index
+    run_dir, index, formats = trained.run_dir, prepared.data.index, export_formats(config.export)
     start = time.perf_counter()
     best = checkpoint.write_best_model(trained.model_config, prepared.dtype_policy,
                                        os.path.join(run_dir, rundir.BACKUP), trained.best_epoch,
@@ -272,11 +272,11 @@ def _finish(config: TrainConfig, prepared: _Prepared, trained: _Trained) -> str:
     temperature = None
     if config.calibrate:  # on val, where the epoch was chosen too; never on test
         fitted = calibration.calibrate(probabilities["val"], index.split("val")["label_index"].to_numpy())
-        calibration.write_calibration(run_dir, {**fitted, "fitted_on": "val", "saved_model": True})
+        calibration.write_calibration(run_dir, {**fitted, "fitted_on": "val", "saved_model": "saved_model" in formats})
         temperature = fitted["temperature"]
         logger.info("--calibrate: temperature %.3f lowers the val NLL from %.4f to %.4f", temperature,
                     fitted["nll"]["before"], fitted["nll"]["after"])
-    export.export_saved_model(best, os.path.join(run_dir, rundir.SAVED_MODEL), temperature)
+    export.export_model(best, run_dir, formats, temperature)
     split_reports = {}
     for split, split_probabilities in probabilities.items():
         if temperature is not None:

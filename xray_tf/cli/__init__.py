@@ -30,6 +30,7 @@ COMMANDS = {
     "train": ("xray_tf.cli.train", "train a classifier and write a run directory"),
     "evaluate": ("xray_tf.cli.evaluate", "measure a run's kept model on its val or test split"),
     "predict": ("xray_tf.cli.predict", "classify image files, optionally with Grad-CAM overlays"),
+    "export": ("xray_tf.cli.export", "export a run's model as ONNX, LiteRT or a SavedModel"),
     "compare": ("xray_tf.cli.compare", "compare two runs on the same images, with paired intervals"),
     "report": ("xray_tf.cli.report", "write a run's self-contained report.html"),
     "convert-chexnet": ("xray_tf.cli.convert_chexnet", "convert CheXNet's PyTorch checkpoint to Keras weights"),

@@ -1,7 +1,7 @@
 """``xray-convert-chexnet --input model.pth.tar --output chexnet_densenet121.weights.h5``.
 
 Converts CheXNet's PyTorch checkpoint (arnoweng/CheXNet) into Keras weights of
-``xray_tf.chexnet.build_chexnet``, exactly or not at all; needs PyTorch (the ``convert`` extra).
+``xray_tf.chexnet.build_chexnet``, exactly or not at all; needs no PyTorch (only ``--allow_pickle`` does).
 """
 
 from __future__ import annotations

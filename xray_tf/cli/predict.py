@@ -30,8 +30,9 @@ from absl import app, flags
 from xray_tf import cli
 from xray_tf.config import COMPILATION_CACHE_AUTO, DEFAULT_MAX_PIXELS, TTA_MODES, ConfigError
 
-flags.DEFINE_multi_string("model", None, "Run directory of xray-train, SavedModel directory or .keras file; several: "
-                          "predict with their ensemble (mean probabilities; same classes and image size).",
+flags.DEFINE_multi_string("model", None, "Run directory of xray-train, SavedModel directory, .keras, .onnx or "
+                          ".tflite file; several: predict with their ensemble (mean probabilities; same classes and "
+                          "image size). Grad-CAM needs a run directory or a .keras file.",
                           required=True)
 flags.DEFINE_string("output", None, "CSV file to write; default: standard output.")
 flags.DEFINE_enum("tta", "none", list(TTA_MODES), "Test-time augmentation, averaged over the views: none; flip: the "

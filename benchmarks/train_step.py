@@ -45,6 +45,9 @@ flags.DEFINE_integer("repeats", 3, "Timed windows per side, alternating.")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "float32, or mixed bfloat16 on both sides.")
 flags.DEFINE_string("jit_compile", "auto", "Keras compile(jit_compile=...): auto, True or False.")
 flags.DEFINE_enum("keras_loop", "fit", ["fit", "train_on_batch"], "How the Keras side is driven (see above).")
+flags.DEFINE_integer("threads", 0, "CPU threads of each side (TensorFlow's intra- and inter-op pools, PyTorch's); "
+                     "0: each framework's default. 1 on a shared machine, where other processes' load stalls "
+                     "multi-threaded PyTorch far more than TensorFlow.")
 flags.DEFINE_multi_enum("torch", ["eager"], ["eager", "compile"], "PyTorch sides to time against Keras: eager, "
                         "torch.compile, or both (--torch=eager --torch=compile).")
 FLAGS = flags.FLAGS
@@ -137,11 +140,21 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     import keras  # after flag parsing, so that --help is fast
 
+    if FLAGS.threads:
+        import tensorflow as tf
+        import torch
+
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+        torch.set_num_threads(FLAGS.threads)
+        torch.set_num_interop_threads(FLAGS.threads)
+
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, FLAGS.batch_size).astype(np.int32)
     modes = list(dict.fromkeys(FLAGS.torch))
     print(f"{FLAGS.model}, {FLAGS.image_size} px, batch {FLAGS.batch_size}, {FLAGS.precision}, "
+          f"{FLAGS.threads or 'default'} threads, "
           f"Keras backend {keras.backend.backend()} ({FLAGS.keras_loop}), PyTorch {', '.join(modes)}, "
           f"{FLAGS.steps} steps x {FLAGS.repeats} alternating repeats", flush=True)
     time_keras, keras_parameters = keras_trainer(images, labels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import socket
@@ -29,7 +30,7 @@ from keras import ops
 from xray_tf import metrics, optimizers
 from xray_tf.backbones import BACKBONES
 from xray_tf.config import MODELS, ConfigError
-from xray_tf.rundir import RunError
+from xray_tf.rundir import BACKBONE_INFO, RunError
 
 # ImageNet statistics. ResNet50 (Keras "caffe" mode) subtracts the BGR means on the 0-255 scale;
 # the DenseNets and CheXNet ("torch" mode) scale to [0, 1] and standardise with RGB mean and std.
@@ -203,12 +204,29 @@ def build_backbone(
         for layer in _batch_norms(backbone):
             layer.momentum = entry.batch_norm_momentum
     if weights not in ("imagenet", "none"):
-        try:
-            backbone.load_weights(weights)
-        except Exception as error:  # Keras raises several types for a mismatching file
-            raise ConfigError("weights", weights, f"does not fit a {model_name} backbone without its top: "
-                              f"{error}") from error
+        with warnings.catch_warnings(record=True) as caught:  # a mismatching file warns once per layer
+            warnings.simplefilter("always")
+            try:
+                backbone.load_weights(weights)
+            except Exception as error:  # Keras raises several types for a mismatching file
+                raise ConfigError("weights", weights, _weights_mismatch(weights, model_name, error)) from error
+        for warning in caught:  # the weights loaded: what Keras noticed on the way is worth seeing
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return backbone
+
+
+def _weights_mismatch(weights: str, model_name: str, error: Exception) -> str:
+    """Why ``weights`` does not load into ``model_name``: the backbone it holds when xray-pretrain says so."""
+    info = os.path.join(os.path.dirname(os.path.abspath(weights)), BACKBONE_INFO)
+    try:
+        with open(info) as handle:
+            pretrained = json.load(handle).get("model")
+    except (OSError, ValueError, AttributeError):  # no description beside it, or not xray-pretrain's
+        pretrained = None
+    if isinstance(pretrained, str) and pretrained != model_name:
+        return (f"holds a {pretrained} backbone ({info}), not a {model_name} one: pass --model={pretrained} or "
+                f"pretrain a {model_name}.")
+    return f"does not fit a {model_name} backbone without its top: {_keras_reason(error)}"
 
 
 def build_model(model_name: str, num_classes: int, image_size: int, weights: str = "imagenet", dropout: float = 0.0,

@@ -47,13 +47,19 @@ CALIBRATION = "calibration.json"  # the softmax temperature fitted on val (--cal
 OPERATING_POINTS = "operating_points.json"  # per-class thresholds chosen on val (--operating_point)
 REPORT = "report.html"  # xray-report's self-contained page
 TENSORBOARD = "tensorboard"  # --tensorboard: event files of the train/ and validation/ writers
+# xray-pretrain's run directory: FLAGS, HISTORY and BACKUP as training's, and these.
+BACKBONE_WEIGHTS = "backbone.weights.h5"  # the pretrained backbone alone, for xray-train --weights
+BACKBONE_INFO = "backbone.json"  # which backbone, pretrained how; written last: the pretraining has finished
+PRETRAIN_IMAGES = "images.csv"  # every image file pretrained on
 
 # What each file is, for the message of a write that fails; other files by their ending.
 _WHAT = {FLAGS: "the run's settings", CLASSES: "the class names", HISTORY: "the epoch history",
          METRICS: "the run's metrics", MODEL: "the kept model", SAVED_MODEL: "the SavedModel export",
          ONNX: "the ONNX export", TFLITE: "the LiteRT export",
          SKIPPED_IMAGES: "the list of skipped images", SPLITS_CSV: "every image's split",
-         CALIBRATION: "the fitted temperature", OPERATING_POINTS: "the chosen thresholds", REPORT: "the report page"}
+         CALIBRATION: "the fitted temperature", OPERATING_POINTS: "the chosen thresholds", REPORT: "the report page",
+         BACKBONE_WEIGHTS: "the pretrained backbone", BACKBONE_INFO: "the backbone's description",
+         PRETRAIN_IMAGES: "the list of images pretrained on"}
 _WHAT_BY_ENDING = {".npz": "an epoch backup", ".png": "a figure", ".csv": "a table", ".json": "a report",
                    ".keras": "a model", ".html": "a page"}
 

@@ -28,6 +28,7 @@ from xray_tf.config import ConfigError, TrainConfig, expand_flagfiles
 # Command name -> (module, what it does); ``python -m xray_tf`` lists them without importing any.
 COMMANDS = {
     "train": ("xray_tf.cli.train", "train a classifier and write a run directory"),
+    "pretrain": ("xray_tf.cli.pretrain", "pretrain a backbone on unlabeled X-rays (self-supervised)"),
     "evaluate": ("xray_tf.cli.evaluate", "measure a run's kept model on its val or test split"),
     "predict": ("xray_tf.cli.predict", "classify image files, optionally with Grad-CAM overlays"),
     "export": ("xray_tf.cli.export", "export a run's model as ONNX, LiteRT or a SavedModel"),

@@ -126,7 +126,7 @@ def test_one_transform_composes_crop_shift_zoom_shear_and_rotation():
 def test_random_crops_keep_their_area_and_aspect_ranges_inside_the_image(scale_min, aspect_max):
     settings = small_settings(crop_scale_min=scale_min, crop_aspect_max=aspect_max)
     seeds = tf.random.experimental.stateless_split(_seed(4), 3)
-    crop, offset = (t.numpy() for t in augment._random_crops(seeds, 2000, settings))
+    crop, offset = (t.numpy() for t in augment.random_crops(seeds, 2000, settings))
     area, aspect = crop.prod(axis=1) / 32 ** 2, crop[:, 0] / crop[:, 1]
     assert area.min() >= scale_min - 1e-5 and area.max() <= 1 + 1e-5
     assert area.min() < scale_min + 0.01 and area.max() > 0.99  # the whole range is used

@@ -80,7 +80,7 @@ def geometry_transforms(size: int, angles: tf.Tensor, crop: tf.Tensor, offset: t
                      a10, a11, centre + offset[:, 1] - a10 * px - a11 * py, zeros, zeros], axis=1)
 
 
-def _transformed(images: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tensor:
+def apply_transforms(images: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tensor:
     """Bilinear resampling with black outside the input, as the paper's rotation does."""
     return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=[size, size],
                                                  fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
@@ -90,7 +90,7 @@ def _uniform(seed: tf.Tensor, shape: list, low: float, high: float) -> tf.Tensor
     return tf.random.stateless_uniform(shape, seed, low, high)
 
 
-def _random_crops(seeds: tf.Tensor, batch: tf.Tensor, settings: PipelineSettings) -> tuple[tf.Tensor, tf.Tensor]:
+def random_crops(seeds: tf.Tensor, batch: tf.Tensor, settings: PipelineSettings) -> tuple[tf.Tensor, tf.Tensor]:
     """(width, height) and centre offset ``[B, 2]`` of random crops inside the image: area share
     uniform in ``[crop_scale_min, 1]``, aspect ratio log-uniform in ``[1/crop_aspect_max,
     crop_aspect_max]`` narrowed to the ratios whose sides fit at that area (so no side is clipped,
@@ -105,7 +105,7 @@ def _random_crops(seeds: tf.Tensor, batch: tf.Tensor, settings: PipelineSettings
     return crop, (size - crop) / 2.0 * _uniform(place_seed, [batch, 2], -1.0, 1.0)
 
 
-def _photometric_jitter(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+def photometric_jitter(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
     """Per image gamma, then contrast about the image's mean, then brightness; back to uint8."""
     gamma_seed, contrast_seed, brightness_seed = tf.unstack(seeds)
     batch = tf.shape(images)[0]
@@ -159,7 +159,7 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, settings: PipelineSettings
     # Only the images chosen for rotation are transformed: at p = 0.3 that is a third of the work of
     # transforming the whole batch with angle 0 for the others.
     rotated = tf.where(rotate)
-    turned = _transformed(tf.gather_nd(images, rotated),
+    turned = apply_transforms(tf.gather_nd(images, rotated),
                           rotation_transforms(tf.gather_nd(angles, rotated), size, size), size)
     return tf.tensor_scatter_nd_update(images, rotated, turned)
 
@@ -168,13 +168,13 @@ def _strong(images: tf.Tensor, seed: tf.Tensor, angles: tf.Tensor, settings: Pip
     """The strong preset after the flips: jitter first, so the black outside the input stays black."""
     seeds = tf.random.experimental.stateless_split(seed, 9)
     batch = tf.shape(images)[0]
-    images = _photometric_jitter(images, seeds[:3])
-    crop, offset = _random_crops(seeds[3:6], batch, settings)
+    images = photometric_jitter(images, seeds[:3])
+    crop, offset = random_crops(seeds[3:6], batch, settings)
     size = settings.image_size
     shift = _uniform(seeds[6], [batch, 2], -SHIFT_SHARE * size, SHIFT_SHARE * size)
     zoom = tf.exp(_uniform(seeds[7], [batch], -math.log(ZOOM_MAX), math.log(ZOOM_MAX)))
     shear = _uniform(seeds[8], [batch], -SHEAR_MAX, SHEAR_MAX)
-    return _transformed(images, geometry_transforms(size, angles, crop, offset, shift, zoom, shear), size)
+    return apply_transforms(images, geometry_transforms(size, angles, crop, offset, shift, zoom, shear), size)
 
 
 def beta_sample(seed: tf.Tensor, alpha: float) -> tf.Tensor:

@@ -64,13 +64,13 @@ def view(images: tf.Tensor, seed: tf.Tensor, settings: ViewSettings) -> tf.Tenso
     """One random view of each image of a uint8 batch ``[B, S, S, 1]`` (B static), from a stateless ``seed``."""
     seeds = tf.random.experimental.stateless_split(seed, 9)
     batch, size = images.shape[0], settings.image_size
-    images = augment._photometric_jitter(images, seeds[:3])
-    crop, offset = augment._random_crops(seeds[3:6], batch, settings)
+    images = augment.photometric_jitter(images, seeds[:3])
+    crop, offset = augment.random_crops(seeds[3:6], batch, settings)
     max_radians = settings.rotation_degrees * math.pi / 180.0
     angles = tf.random.stateless_uniform([batch], seeds[6], -max_radians, max_radians)
     transforms = augment.geometry_transforms(size, angles, crop, offset, tf.zeros([batch, 2]), tf.ones([batch]),
                                              tf.zeros([batch]))
-    images = augment._transformed(images, transforms, size)
+    images = augment.apply_transforms(images, transforms, size)
     scale = size / 224
     sigmas = tf.random.stateless_uniform([batch], seeds[7], BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale)
     blurred = tf.random.stateless_uniform([batch], seeds[8]) < settings.blur_prob

@@ -117,7 +117,11 @@ def test_the_kept_model_file_holds_the_weights_alone_and_predicts_as_the_trained
     weight_bytes = sum(array.nbytes for array in model.get_weights())
     optimizer_bytes = sum(keras.ops.convert_to_numpy(v).nbytes for v in model.optimizer.variables)
     assert optimizer_bytes > weight_bytes  # Adam's two moments of every trainable weight: worth leaving out
-    assert abs(os.path.getsize(path) - weight_bytes) < 0.15 * weight_bytes
+    # Against the weights as Keras stores them: HDF5's own structure is ~0.4 MB of this small model's
+    # 4 MB (under 1 % of a ResNet50's), which the bare array bytes would count as overhead.
+    weights_file = str(tmp_path / "alone.weights.h5")
+    kept.save_weights(weights_file)  # uncompiled: no optimizer in it either
+    assert abs(os.path.getsize(path) - os.path.getsize(weights_file)) < 0.15 * os.path.getsize(weights_file)
 
 
 def test_no_model_file_without_the_best_epochs_backup(tmp_path):

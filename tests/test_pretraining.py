@@ -80,7 +80,7 @@ def test_the_backbone_loads_into_the_classifier_of_the_same_backbone(finished):
     weights = os.path.join(finished.run_dir, rundir.BACKBONE_WEIGHTS)
     classifier = models.build_model("mobilenetv3small", 3, 32, weights=weights)
     loaded = next(layer for layer in classifier.layers if isinstance(layer, keras.Model)).get_weights()
-    pretrained = pretraining.backbone_of(finished.model.encoder).get_weights()
+    pretrained = models.backbone_of(finished.model.encoder).get_weights()
     assert len(loaded) == len(pretrained) > 0
     for mine, theirs in zip(loaded, pretrained):
         np.testing.assert_array_equal(mine, theirs)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import keras
 import pandas as pd
 
-from xray_tf import export, models, rundir, training
-from xray_tf.config import TrainConfig, export_formats
+from xray_tf import models, rundir, training
+from xray_tf.config import TrainConfig
 
 
 # eq=False: fields holding a model and a DataFrame have no meaningful ==, and a frozen dataclass
@@ -43,7 +43,6 @@ def train(config: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (
     before anything is read. None on the workers of a multi-worker run other than the chief, which
     alone writes the run directory.
     """
-    export.check_formats(export_formats(config.export))  # a missing package, before hours of training
     run_dir = training.run(config, verbose=verbose, callbacks=callbacks)
     if run_dir is None:
         return None

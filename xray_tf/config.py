@@ -83,125 +83,125 @@ class TrainConfig:
 
     # Data
     data_dir: tuple[str, ...] = setting((), "Dataset folder; give it several times to train on several datasets "
-                                         "at once (each one's layout detected, byte-identical copies kept once). "
-                                         "Omitted (and no --data_csv): a synthetic dataset is generated once and "
-                                         "used, and the run says so loudly.")
+                                        "at once (each one's layout detected, byte-identical copies kept once). "
+                                        "Omitted (and no --data_csv): a synthetic dataset is generated once and "
+                                        "used, and the run says so loudly.")
     data_format: str = setting("auto", "The layout of every --data_dir: auto detects it (and says why); coronahack "
-                                "(Kaggle's CSV), kermany ({train,val,test}/{NORMAL,PNEUMONIA}/), folders (a folder "
-                                "per class, optionally in train/val/test folders), csv (a CSV of path,label"
-                                "[,split][,patient_id]), metadata (the --extra_data layout).", DATA_FORMATS)
+                               "(Kaggle's CSV), kermany ({train,val,test}/{NORMAL,PNEUMONIA}/), folders (a folder "
+                               "per class, optionally in train/val/test folders), csv (a CSV of path,label"
+                               "[,split][,patient_id]), metadata (the --extra_data layout).", DATA_FORMATS)
     data_csv: str | None = setting(None, "A CSV of path,label[,split][,patient_id], paths relative to it; a row "
-                                    "without a split is a training image. Alone or besides --data_dir.")
+                                   "without a split is a training image. Alone or besides --data_dir.")
     class_names: str | None = setting(None, "Comma-separated classes in the order of the model's outputs, for data "
-                                       "whose labels are their own (folders, csv); LABEL=NAME maps a label onto a "
-                                       "class (several labels may map onto one); images of labels not named are "
-                                       "left out, and counted. Default: the task's classes the data holds, then "
-                                       "the other labels in alphabetical order.")
+                                      "whose labels are their own (folders, csv); LABEL=NAME maps a label onto a "
+                                      "class (several labels may map onto one); images of labels not named are "
+                                      "left out, and counted. Default: the task's classes the data holds, then "
+                                      "the other labels in alphabetical order.")
     extra_data: str | None = setting(None, "Folder (metadata.csv with X_ray_image_name,Label and images/, or any "
-                                      "--data_format layout) whose images join the training split only (the "
-                                      "paper's extra COVID-19 samples).")
+                                     "--data_format layout) whose images join the training split only (the "
+                                     "paper's extra COVID-19 samples).")
     task: str = setting("four_class", "Which classes to tell apart in data labelled with the fine classes "
-                         "(coronahack, kermany, metadata); folders and csv data bring their own.", TASKS)
+                        "(coronahack, kermany, metadata); folders and csv data bring their own.", TASKS)
     val_fraction: float = setting(0.1, "Stratified share of TRAIN held out for validation.")
     split_by: str = setting("patient", "patient: a patient's images (the id in the file name, or a patient_id "
-                             "column) are all in train or all in val; image: images are split one by one, "
-                             "which lets a patient's images leak into validation.", SPLIT_BY)
+                            "column) are all in train or all in val; image: images are split one by one, "
+                            "which lets a patient's images leak into validation.", SPLIT_BY)
     seed: int = setting(0, "Seed for the split, sampling, augmentation and initialisation.")
     on_bad_image: str = setting("error", "An image file that cannot be decoded: error stops before training, "
-                                 "listing every such file; skip trains without them and lists them in the log and "
-                                 "in RUN/skipped_images.csv.", ON_BAD_IMAGE)
+                                "listing every such file; skip trains without them and lists them in the log and "
+                                "in RUN/skipped_images.csv.", ON_BAD_IMAGE)
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "Refuse, by name and before decoding, any image whose header "
-                               "declares more pixels than this (a decoded 16-bit RGBA image costs 8 bytes a pixel).")
+                              "declares more pixels than this (a decoded 16-bit RGBA image costs 8 bytes a pixel).")
     # Input pipeline
     image_size: int = setting(224, f"Images are resized to image_size x image_size ({MIN_IMAGE_SIZE} to "
-                               f"{MAX_IMAGE_SIZE}).")
+                              f"{MAX_IMAGE_SIZE}).")
     batch_size: int = setting(32, "Batch size (the global batch, across every device).")
     cache: str = setting("memory", "Where decoded images are cached: memory, none, or a directory.")
     sampler: str = setting("balanced", "balanced: every draw picks each class with equal probability "
-                            "(epoch = size of TRAIN).", SAMPLERS)
+                           "(epoch = size of TRAIN).", SAMPLERS)
     class_weight: str = setting("none", "balanced: weight the loss of each class by n / (k * n_class).",
-                                 CLASS_WEIGHTS)
+                                CLASS_WEIGHTS)
     rotation_degrees: float = setting(15.0, "Maximum random rotation, in degrees.")
     rotation_prob: float = setting(0.3, "Probability that a training image is rotated.")
     augment: str = setting("paper", "paper: flips and rotation only (the paper's recipe). strong: also random resized "
-                            "crops, small translation, scale and shear, brightness, contrast and gamma jitter.",
-                            AUGMENTATIONS)
+                           "crops, small translation, scale and shear, brightness, contrast and gamma jitter.",
+                           AUGMENTATIONS)
     crop_scale_min: float = setting(0.6, "--augment=strong: a random crop keeps between this share of the image's "
-                                     "area and all of it.")
+                                    "area and all of it.")
     crop_aspect_max: float = setting(4 / 3, "--augment=strong: a random crop's aspect ratio lies between "
-                                      "1/crop_aspect_max and crop_aspect_max.")
+                                     "1/crop_aspect_max and crop_aspect_max.")
     mixup_alpha: float = setting(0.0, "MixUp: each training batch is blended with itself in another order by a "
-                                  "weight drawn from Beta(alpha, alpha), labels too (0: off).")
+                                 "weight drawn from Beta(alpha, alpha), labels too (0: off).")
     cutmix_alpha: float = setting(0.0, "CutMix: a box of each training image is pasted from another; labels are "
-                                   "mixed by the box's area, drawn from Beta(alpha, alpha) (0: off). With MixUp "
-                                   "too, each batch gets one of the two.")
+                                  "mixed by the box's area, drawn from Beta(alpha, alpha) (0: off). With MixUp "
+                                  "too, each batch gets one of the two.")
     # Model
     model: str = setting("resnet50", "Backbone (see xray_tf.backbones).", MODELS)
     weights: str = setting("imagenet", "imagenet (Keras download), none, or a Keras weights file for the backbone "
-                            "without its top (or torchvision's DenseNet-121 .pth for --model=densenet121).")
+                           "without its top (or torchvision's DenseNet-121 .pth for --model=densenet121).")
     chexnet_weights: str | None = setting(None, "Converted CheXNet weights for --model=densenet_chexnet "
-                                           "(xray-convert-chexnet).")
+                                          "(xray-convert-chexnet).")
     dropout: float = setting(0.0, "Dropout rate before the classifier.")
     # Loss and optimisation
     loss: str = setting("ce", "ce: categorical cross-entropy; focal: focal loss.", LOSSES)
     focal_gamma: float = setting(2.0, "Focal loss focusing parameter gamma.")
     focal_alpha: str = setting("0.25", "Focal loss alpha: a number, 'balanced', or one comma-separated number "
-                                "per class.")
+                               "per class.")
     label_smoothing: float = setting(0.0, "Targets become (1 - s) * one_hot + s / classes, for either loss.")
     optimizer: str = setting("adam", "adam, adamw (Adam with --weight_decay), or sgd (with --momentum).", OPTIMIZERS)
     weight_decay: float = setting(0.0, "Decoupled weight decay: each step shrinks every weight by "
-                                   "learning_rate * weight_decay (needed by --optimizer=adamw).")
+                                  "learning_rate * weight_decay (needed by --optimizer=adamw).")
     momentum: float = setting(0.9, "--optimizer=sgd: momentum.")
     learning_rate: float = setting(1e-3, "Initial learning rate.")
     schedule: str = setting("step", "step: multiply the rate by lr_decay every lr_decay_epochs. cosine: decay it "
-                             "along half a cosine from learning_rate to 0 over the epochs after warmup.", SCHEDULES)
+                            "along half a cosine from learning_rate to 0 over the epochs after warmup.", SCHEDULES)
     lr_decay: float = setting(0.5, "--schedule=step: factor applied to the learning rate every lr_decay_epochs.")
     lr_decay_epochs: int = setting(10, "--schedule=step: epochs between learning-rate decays.")
     warmup_epochs: int = setting(0, "Epochs whose learning rate rises linearly to learning_rate before the "
-                                  "schedule starts.")
+                                 "schedule starts.")
     backbone_lr_multiplier: float = setting(1.0, "The backbone learns at this multiple of the learning rate (the "
-                                             "head at the full rate), e.g. 0.1 to fine-tune pretrained weights gently.")
+                                            "head at the full rate), e.g. 0.1 to fine-tune pretrained weights gently.")
     freeze_backbone_epochs: int = setting(0, "Train the head alone (backbone weights and BatchNorm statistics "
-                                           "frozen) for this many epochs, then everything.")
+                                          "frozen) for this many epochs, then everything.")
     ema_decay: float = setting(0.0, "Keep an exponential moving average of the weights with this decay per step "
-                                "(e.g. 0.999); validation, the kept model and evaluation use the average (0: off).")
+                               "(e.g. 0.999); validation, the kept model and evaluation use the average (0: off).")
     epochs: int = setting(20, "Number of epochs.")
     select_by: str = setting("val_loss", "The validation metric whose best epoch becomes model.keras (balanced "
-                              "accuracy, macro F1 and macro ROC AUC are computed on the whole validation split "
-                              "every epoch).", SELECT_BY)
+                             "accuracy, macro F1 and macro ROC AUC are computed on the whole validation split "
+                             "every epoch).", SELECT_BY)
     early_stopping_patience: int = setting(0, "Stop after this many epochs without a better --select_by value "
-                                            "(0: run every epoch).")
+                                           "(0: run every epoch).")
     mixed_precision: str = setting("auto", "auto: mixed_bfloat16 when a GPU is present, float32 otherwise.",
-                                    MIXED_PRECISION)
+                                   MIXED_PRECISION)
     jit_compile: str = setting("auto", "XLA compilation of the train step (auto: Keras decides; off on CPU-only "
-                                "TensorFlow).", JIT_COMPILE)
+                               "TensorFlow).", JIT_COMPILE)
     compilation_cache: str = setting(COMPILATION_CACHE_AUTO, "JAX backend: a directory where compiled XLA programs "
-                                      "are kept, so a rerun with the same model and shapes skips compiling. auto: "
-                                      "$JAX_COMPILATION_CACHE_DIR if set, else jax-compilation in ~/.cache/xray_tf "
-                                      "(or $XRAY_TF_CACHE); none: off.")
+                                     "are kept, so a rerun with the same model and shapes skips compiling. auto: "
+                                     "$JAX_COMPILATION_CACHE_DIR if set, else jax-compilation in ~/.cache/xray_tf "
+                                     "(or $XRAY_TF_CACHE); none: off.")
     # Several devices or hosts
     distribution: str = setting("none", "none: one device. mirrored: every GPU of this host "
-                                 "(tf.distribute.MirroredStrategy, or keras.distribution.DataParallel on JAX). "
-                                 "multi_worker: several hosts, each running this command (TF_CONFIG, or "
-                                 "KERAS_DISTRIBUTION_* on JAX); only the chief writes the run directory. "
-                                 "--batch_size stays the global batch.", DISTRIBUTIONS)
+                                "(tf.distribute.MirroredStrategy, or keras.distribution.DataParallel on JAX). "
+                                "multi_worker: several hosts, each running this command (TF_CONFIG, or "
+                                "KERAS_DISTRIBUTION_* on JAX); only the chief writes the run directory. "
+                                "--batch_size stays the global batch.", DISTRIBUTIONS)
     scale_lr_with_batch: bool = setting(False, "Multiply --learning_rate by the number of replicas (the linear "
-                                         "scaling rule), for runs that also raise --batch_size that many times.")
+                                        "scaling rule), for runs that also raise --batch_size that many times.")
     # Output
     output_dir: str = setting("saved_models", "Where run directories are created.")
     run_name: str | None = setting(None, "Name of the run directory (default: model_loss_task_timestamp); an "
-                                    "existing name gets a -2, -3 ... suffix, never overwritten.")
+                                   "existing name gets a -2, -3 ... suffix, never overwritten.")
     resume: bool = setting(False, "Continue the unfinished run --output_dir/--run_name after its last finished "
-                            "epoch, with the settings it was started with (--flagfile=RUN/flags.txt --resume).")
+                           "epoch, with the settings it was started with (--flagfile=RUN/flags.txt --resume).")
     tensorboard: bool = setting(False, "Write TensorBoard logs (every epoch's metrics and learning rate, a few "
-                                 "augmented training images) under RUN/tensorboard; viewing them needs the "
-                                 "tensorboard package (pip install 'xray_tf[tensorboard]').")
+                                "augmented training images) under RUN/tensorboard; viewing them needs the "
+                                "tensorboard package (pip install 'xray_tf[tensorboard]').")
     export: str = setting("saved_model", "Comma-separated formats the kept model is exported in, beside "
-                           "model.keras: saved_model (RUN/saved_model/, TensorFlow), onnx (RUN/model.onnx, ONNX "
-                           "Runtime), litert (RUN/model.tflite, the LiteRT interpreter); onnx and litert need "
-                           "pip install 'xray_tf[export]'. Each takes uint8 images and gives probabilities.")
+                          "model.keras: saved_model (RUN/saved_model/, TensorFlow), onnx (RUN/model.onnx, ONNX "
+                          "Runtime), litert (RUN/model.tflite, the LiteRT interpreter); onnx and litert need "
+                          "pip install 'xray_tf[export]'. Each takes uint8 images and gives probabilities.")
     calibrate: bool = setting(False, "After training, fit one softmax temperature on the validation split and "
-                               "store it in the run; evaluate, predict and the exports then apply it.")
+                              "store it in the run; evaluate, predict and the exports then apply it.")
 
     def __post_init__(self) -> None:
         if isinstance(self.data_dir, (str, os.PathLike)):  # TrainConfig(data_dir="coronahack"): one folder

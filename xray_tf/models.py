@@ -306,6 +306,11 @@ def model_from_config(config: dict) -> keras.Model:
     return keras.saving.deserialize_keras_object(copy.deepcopy(config), custom_objects=_CUSTOM_OBJECTS, safe_mode=True)
 
 
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The backbone inside a classifier or pretraining encoder: its one nested model."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
 def _batch_norms(model: keras.Model) -> Iterator[keras.layers.BatchNormalization]:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

@@ -132,6 +132,15 @@ def check_report(prepared: PreparedData, task: str) -> str:
     return "\n".join(lines)
 
 
+def dtype_policy(mixed_precision: str) -> str:
+    """The Keras dtype policy a ``--mixed_precision`` setting means: auto is mixed_bfloat16 on a GPU."""
+    if mixed_precision == "off":
+        return "float32"
+    if mixed_precision == "auto":
+        return "mixed_bfloat16" if has_gpu() else "float32"
+    return mixed_precision
+
+
 def has_gpu() -> bool:
     """Whether Keras sees a GPU (probing prints CUDA noise where there is none: ask only when needed)."""
     return any(device.startswith("gpu") for device in keras.distribution.list_devices())

@@ -39,44 +39,44 @@ class PretrainConfig:
     """Every setting of a pretraining run (README, "Self-supervised pretraining")."""
 
     images: tuple[str, ...] = setting((), "A folder of images (searched like xray-predict does), a dataset folder in "
-                                       "any layout the trainer reads, a CSV with a path column, or an image file; "
-                                       "give it several times. Labels are never read; a dataset's test split is "
-                                       "left out.")
+                                      "any layout the trainer reads, a CSV with a path column, or an image file; "
+                                      "give it several times. Labels are never read; a dataset's test split is "
+                                      "left out.")
     data_format: str = setting("auto", "How each --images folder is read: auto (a dataset layout if it holds one, "
-                                "else every image file under it), images (every image file under it), or one "
-                                "layout of xray-train's --data_format.", IMAGE_FORMATS)
+                               "else every image file under it), images (every image file under it), or one "
+                               "layout of xray-train's --data_format.", IMAGE_FORMATS)
     on_bad_image: str = setting("error", "An image file that cannot be decoded: error stops before pretraining, "
-                                 "listing every such file; skip pretrains without them.", ON_BAD_IMAGE)
+                                "listing every such file; skip pretrains without them.", ON_BAD_IMAGE)
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "Refuse any image whose header declares more pixels than this.")
     cache: str = setting("memory", "Where the decoded images are kept: memory, or a directory (a memory-mapped "
-                          "file, for more images than RAM holds).")
+                         "file, for more images than RAM holds).")
     model: str = setting("resnet50", "Backbone to pretrain (the classifier's, see xray_tf.backbones).",
-                          PRETRAIN_MODELS)
+                         PRETRAIN_MODELS)
     weights: str = setting("none", "Starting weights: none (random), imagenet, or a backbone weights file.")
     method: str = setting("vicreg", "vicreg or simsiam: both work at small batches (xray_tf.ssl_losses).",
-                           SSL_METHODS)
+                          SSL_METHODS)
     embedding_dim: int = setting(1024, "Width of the projector's layers (and of SimSiam's predictor output).")
     image_size: int = setting(224, f"Images are resized to image_size x image_size ({MIN_IMAGE_SIZE} to "
-                               f"{MAX_IMAGE_SIZE}).")
+                              f"{MAX_IMAGE_SIZE}).")
     batch_size: int = setting(64, "Images per batch (each gives two views).")
     epochs: int = setting(100, "Passes over the images.")
     learning_rate: float = setting(1e-3, "Adam's learning rate (after warmup).")
     weight_decay: float = setting(1e-6, "Decoupled weight decay (AdamW); 0: Adam.")
     schedule: str = setting("cosine", "cosine: half a cosine from learning_rate to 0 over the epochs after warmup; "
-                             "constant: learning_rate throughout.", SCHEDULES)
+                            "constant: learning_rate throughout.", SCHEDULES)
     warmup_epochs: int = setting(0, "Epochs whose rate rises linearly to learning_rate first.")
     crop_scale_min: float = setting(0.35, "A view's random crop keeps between this share of the image's area and "
-                                     "all of it.")
+                                    "all of it.")
     rotation_degrees: float = setting(10.0, "A view is rotated by up to this many degrees either way.")
     blur_prob: float = setting(0.5, "Probability that a view is blurred (Gaussian, sigma 0.1 to 2 px at 224 px).")
     seed: int = setting(0, "Seed of the initialisation, the order of the images and every view.")
     mixed_precision: str = setting("auto", "auto: mixed_bfloat16 when a GPU is present, float32 otherwise.",
-                                    PRETRAIN_PRECISION)
+                                   PRETRAIN_PRECISION)
     output_dir: str = setting("saved_models", "Where run directories are created.")
     run_name: str | None = setting(None, "Name of the run directory (default: pretrain_model_method_timestamp); an "
-                                    "existing name gets a -2, -3 ... suffix.")
+                                   "existing name gets a -2, -3 ... suffix.")
     resume: bool = setting(False, "Continue the unfinished run --output_dir/--run_name after its last finished "
-                            "epoch (--flagfile=RUN/flags.txt --resume).")
+                           "epoch (--flagfile=RUN/flags.txt --resume).")
 
     def __post_init__(self) -> None:
         if isinstance(self.images, (str, os.PathLike)):  # PretrainConfig(images="folder"): one source

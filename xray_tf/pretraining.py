@@ -47,11 +47,6 @@ def build_encoder(model_name: str, image_size: int, weights: str = "none") -> ke
     return keras.Model(inputs, x, name="encoder")
 
 
-def backbone_of(encoder: keras.Model) -> keras.Model:
-    """The backbone inside ``encoder`` (its one nested model), whose weights the classifier loads."""
-    return next(layer for layer in encoder.layers if isinstance(layer, keras.Model))
-
-
 def _mlp(name: str, input_dim: int, widths: Sequence[int], normalise_output: bool) -> keras.Model:
     """Dense layers with BatchNorm and ReLU between them (and BatchNorm after the last one if asked)."""
     inputs = keras.Input((input_dim,), name=f"{name}_input")
@@ -130,28 +125,6 @@ class Pretrained:
     history: pd.DataFrame
 
 
-def _run_to_resume(config: PretrainConfig) -> str:
-    """The unfinished run directory ``config.resume`` continues, started with the same settings."""
-    run_dir = os.path.join(config.output_dir, config.run_name)
-    flags_path = os.path.join(run_dir, rundir.FLAGS)
-    if not os.path.isfile(flags_path):
-        raise rundir.RunError(f"--resume: {run_dir} is not a run directory (no {rundir.FLAGS} there); nothing to "
-                              "resume.")
-    if os.path.isfile(os.path.join(run_dir, rundir.BACKBONE_INFO)):
-        raise rundir.RunError(f"--resume: {run_dir} has finished (it has {rundir.BACKBONE_INFO}); start a new run "
-                              "instead.")
-    try:
-        started = PretrainConfig.from_flagfile(flags_path)
-    except ValueError as error:
-        raise rundir.RunError(f"{flags_path}: {error}") from None
-    changed = started.changed_settings(config)
-    if changed:
-        listing = "; ".join(f"--{name} was {then}, now {now}" for name, (then, now) in sorted(changed.items()))
-        raise rundir.RunError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "
-                              f"only with its own settings: --flagfile={flags_path} --resume")
-    return run_dir
-
-
 def _check_same_images(run_dir: str, paths: Sequence[str]) -> None:
     """Refuse to resume on other images than the run started with (files added to or removed from a folder)."""
     listed = pd.read_csv(os.path.join(run_dir, rundir.PRETRAIN_IMAGES))["path"].tolist()
@@ -173,12 +146,6 @@ def _start_run(config: PretrainConfig, paths: Sequence[str]) -> str:
     return run_dir
 
 
-def _dtype_policy(mixed_precision: str) -> str:
-    if mixed_precision == "auto":
-        return "mixed_bfloat16" if preflight.has_gpu() else "float32"
-    return "float32" if mixed_precision == "off" else mixed_precision
-
-
 def run(config: PretrainConfig, verbose: int | str = "auto",
         extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Pretrained:
     """Pretrain as ``config`` says: a new run directory, or ``config.resume``'s after its last backed-up epoch.
@@ -188,7 +155,7 @@ def run(config: PretrainConfig, verbose: int | str = "auto",
     """
     config.validate()
     models.check_weights_available(config.model, config.weights)  # offline ImageNet weights: before decoding
-    resumed_dir = _run_to_resume(config) if config.resume else None
+    resumed_dir = rundir.run_to_resume(config, finished=rundir.BACKBONE_INFO) if config.resume else None
     images = pretrain_data.load_images(config.images, config.image_size, config.data_format, config.on_bad_image,
                                        config.cache, config.max_pixels)
     if resumed_dir:
@@ -197,7 +164,7 @@ def run(config: PretrainConfig, verbose: int | str = "auto",
         raise ConfigError("batch_size", config.batch_size, f"more than the {len(images.paths)} images to pretrain on.")
     logger.info("Pretraining %s with %s on %d images at %d px", config.model, config.method, len(images.paths),
                 config.image_size)
-    with models.global_dtype_policy(_dtype_policy(config.mixed_precision)):
+    with models.global_dtype_policy(preflight.dtype_policy(config.mixed_precision)):
         model = build_model(config)
     run_dir = resumed_dir or _start_run(config, images.paths)
     backup_dir = os.path.join(run_dir, rundir.BACKUP)
@@ -233,7 +200,7 @@ def run(config: PretrainConfig, verbose: int | str = "auto",
 def _finish(config: PretrainConfig, run_dir: str, model: SelfSupervised, image_count: int) -> None:
     """The backbone's weights, then ``backbone.json`` naming it; the backups are no longer needed."""
     weights = os.path.join(run_dir, rundir.BACKBONE_WEIGHTS)
-    rundir.write_atomic(weights, backbone_of(model.encoder).save_weights)
+    rundir.write_atomic(weights, models.backbone_of(model.encoder).save_weights)
     rundir.write_json(os.path.join(run_dir, rundir.BACKBONE_INFO), {
         "model": config.model, "image_size": config.image_size, "method": config.method, "epochs": config.epochs,
         "images": image_count, "weights": rundir.BACKBONE_WEIGHTS,

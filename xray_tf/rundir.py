@@ -139,15 +139,23 @@ def start_run(config: TrainConfig, index: DataIndex, skipped: Mapping[str, str])
     return run_dir
 
 
-def run_to_resume(config: TrainConfig) -> str:
-    """The run directory ``config.resume`` continues, once it is known that it can and should be continued."""
+def run_to_resume(config: TrainConfig, finished: str = METRICS) -> str:
+    """The run directory ``config.resume`` continues, once it is known that it can and should be continued.
+
+    ``config`` is a training or a pretraining config, whose run has ended once it holds ``finished``
+    (``metrics.json``; ``backbone.json`` for xray-pretrain); the run's ``flags.txt`` is read as that type.
+    """
     run_dir = os.path.join(config.output_dir, config.run_name)
     flags_path = os.path.join(run_dir, FLAGS)
     if not os.path.isfile(flags_path):
         raise RunError(f"--resume: {run_dir} is not a run directory (no {FLAGS} there); nothing to resume.")
-    if is_finished(run_dir):
-        raise RunError(f"--resume: {run_dir} has finished (it has {METRICS}); start a new run instead.")
-    changed = read_config(run_dir).changed_settings(config)
+    if os.path.isfile(os.path.join(run_dir, finished)):
+        raise RunError(f"--resume: {run_dir} has finished (it has {finished}); start a new run instead.")
+    try:
+        started = type(config).from_flagfile(flags_path)
+    except ValueError as error:
+        raise RunError(f"{flags_path}: {error}") from None
+    changed = started.changed_settings(config)
     if changed:
         listing = "; ".join(f"--{name} was {started}, now {now}" for name, (started, now) in sorted(changed.items()))
         raise RunError(f"--resume: {run_dir} was started with other settings ({listing}). A run continues "

@@ -58,6 +58,7 @@ def run(config: TrainConfig, verbose: int | str = "auto",
     ``on_train_begin`` and ``on_train_end`` twice.
     """
     config.validate()
+    export.check_formats(export_formats(config.export))  # a missing package, before hours of training
     with distribution.activate(config.distribution) as setup:  # before TensorFlow or JAX does anything
         prepared = _prepare(config, setup)
         model = _build(config, prepared, setup)
@@ -112,8 +113,9 @@ def _prepare(config: TrainConfig, setup: distribution.Setup) -> _Prepared:
     datasets = pipeline.build_datasets(prepared.index.frame, len(prepared.index.class_names), settings)
     decode_seconds = pipeline.fill_caches(datasets, prepared.decoded)  # the images preflight decoded
     devices = {"name": setup.name, "replicas": setup.replicas, "workers": setup.workers, "learning_rate": learning_rate}
-    return _Prepared(prepared, datasets, resumed_dir, learning_rate, _dtype_policy(config.mixed_precision), devices,
-                     compilation_cache, decode_seconds)
+    dtype_policy = preflight.dtype_policy(config.mixed_precision)
+    return _Prepared(prepared, datasets, resumed_dir, learning_rate, dtype_policy, devices, compilation_cache,
+                     decode_seconds)
 
 
 def _build(config: TrainConfig, prepared: _Prepared, setup: distribution.Setup) -> keras.Model:
@@ -232,7 +234,7 @@ def _phases(initial_epoch: int, config: TrainConfig) -> list[tuple[int, int, boo
 
 def _set_backbone_trainable(model: keras.Model, trainable: bool) -> bool:
     """Freeze or unfreeze the backbone (its BatchNorm layers then use their moving statistics); whether it changed."""
-    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    backbone = models.backbone_of(model)
     changed = backbone.trainable != trainable
     backbone.trainable = trainable
     return changed
@@ -323,14 +325,6 @@ def _class_weight(config: TrainConfig, index: data.DataIndex) -> dict[int, float
     if config.class_weight == "none":
         return None
     return dict(enumerate(losses.balanced_weights(list(index.class_counts("train").values()))))
-
-
-def _dtype_policy(mixed_precision: str) -> str:
-    if mixed_precision == "off":
-        return "float32"
-    if mixed_precision == "auto":
-        return "mixed_bfloat16" if preflight.has_gpu() else "float32"
-    return mixed_precision
 
 
 def _jit_compile(value: str) -> str | bool:

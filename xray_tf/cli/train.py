@@ -19,7 +19,7 @@ import sys
 from absl import flags, logging
 
 from xray_tf import cli
-from xray_tf.config import EXPERIMENTS, TrainConfig, export_formats
+from xray_tf.config import EXPERIMENTS, TrainConfig
 
 cli.define_config_flags(TrainConfig)
 flags.DEFINE_string("experiment", None, f"Read the installed flagfile of an experiment ({', '.join(EXPERIMENTS)}) "
@@ -34,13 +34,12 @@ def run_command(argv: list[str]) -> None:
     cli.no_arguments(argv)
     config = cli.config_from_flags(TrainConfig)
     with cli.tensorflow_quietly():
-        from xray_tf import export, preflight, training
+        from xray_tf import preflight, training
     try:
         if FLAGS.check_data:  # problems that stop training raise; skipped images are listed
             prepared = preflight.prepare_data(config, keep_images=False)  # a check keeps nothing
             print(preflight.check_report(prepared, config.task))
             sys.exit(1 if prepared.skipped else 0)
-        export.check_formats(export_formats(config.export))  # a missing package, before hours of training
         run_dir = training.run(config)
     except (ValueError, FloatingPointError) as error:
         logging.error("%s", error)  # into the run's log as well as the exit message
